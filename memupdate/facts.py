@@ -1,0 +1,116 @@
+"""Facts: what must be remembered, as `prompt` + `target`, or one plain `text`.
+
+For a `text` fact every token but the first is a target (see `encoding.py`). Facts come from
+JSONL files (one JSON object a line) or from Python objects; every problem is reported with the
+line it is on, and nothing is trained from a file that has one.
+"""
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError, model_validator
+
+DEFAULT_MAX_FACTS = 100_000
+
+
+class FactError(ValueError):
+    """Bad fact input; the message names where (file:line or fact index) and what."""
+
+
+class Fact(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: StrictStr | None = None
+    target: StrictStr | None = None
+    text: StrictStr | None = None
+    source: str = ""  # where the fact came from ("facts.jsonl:12"), for error messages
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "Fact":
+        if self.text is not None:
+            if self.prompt is not None or self.target is not None:
+                raise ValueError("give either `text` or `prompt` + `target`, not both")
+            if not self.text.strip():
+                raise ValueError("`text` is empty")
+            return self
+        if self.prompt is None or self.target is None:
+            raise ValueError("a fact needs `prompt` and `target` (or a single `text`)")
+        if not self.prompt.strip():
+            raise ValueError("`prompt` is empty")
+        if not self.target.strip():
+            raise ValueError("`target` is empty: there is nothing to remember")
+        return self
+
+    @property
+    def where(self) -> str:
+        return self.source or "fact"
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        field = ".".join(str(x) for x in item["loc"])
+        parts.append(f"{field}: {message}" if field else message)
+    return "; ".join(parts)
+
+
+def parse_fact(obj: object, source: str) -> Fact:
+    if not isinstance(obj, dict):
+        raise FactError(f"{source}: expected a JSON object, got {type(obj).__name__}")
+    try:
+        return Fact(**obj, source=source)
+    except ValidationError as err:
+        raise FactError(f"{source}: {_describe(err)}") from None
+    except TypeError as err:  # e.g. a key that is not a string
+        raise FactError(f"{source}: {err}") from None
+
+
+def load_facts(path: str | Path, max_facts: int = DEFAULT_MAX_FACTS) -> list[Fact]:
+    """Read a JSONL file. Raises FactError listing every bad line (up to 20)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FactError(f"{path}: no such file")
+    facts: list[Fact] = []
+    errors: list[str] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            source = f"{path.name}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                errors.append(f"{source}: invalid JSON ({err.msg} at column {err.colno})")
+                continue
+            try:
+                facts.append(parse_fact(obj, source))
+            except FactError as err:
+                errors.append(str(err))
+            if len(facts) > max_facts:
+                raise FactError(f"{path}: more than the limit of {max_facts} facts")
+    raise_collected(errors)
+    if not facts:
+        raise FactError(f"{path}: no facts in the file")
+    return facts
+
+
+def raise_collected(errors: list[str]) -> None:
+    """Raise one FactError listing every problem found (the first 20), if there are any."""
+    if errors:
+        shown = "\n  ".join(errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise FactError(f"{len(errors)} bad fact(s), nothing trained:\n  {shown}{more}")
+
+
+def check_fact_count(facts: list[Fact], max_facts: int = DEFAULT_MAX_FACTS) -> None:
+    if not facts:
+        raise FactError("no facts given")
+    if len(facts) > max_facts:
+        raise FactError(f"{len(facts)} facts exceed the limit of {max_facts}")
+
+
+def write_facts(facts: list[Fact], path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for fact in facts:
+            fh.write(fact.model_dump_json(exclude_none=True, exclude={"source"}) + "\n")

@@ -1,0 +1,228 @@
+"""The Parametric Memory Law, fitted per base model and adapter family, and its inversion.
+
+    ΔL(r, ℓ) = C · r^α · ℓ^(−β) + b
+
+ΔL is the loss reduction under a fixed training budget: mean cross-entropy (nats per target
+token) before training minus after. r is the LoRA rank (the adapter's parameter count is
+proportional to it for a fixed family), ℓ the total number of target tokens to be held.
+
+A second fitted link maps the loss left after training to fact recall (share of facts whose
+every target token has p > 0.5), a log-logistic curve:
+
+    recall(L) = 1 / (1 + (L / L50)^k)
+
+Planning: measure the base model's loss L0 on the facts, predict L = L0 − ΔL(r, ℓ) for each
+candidate rank, and pick the smallest rank whose predicted recall reaches the request.
+"""
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from memupdate.adapter import RANK_LADDER
+
+FORM = "dL = C * r**alpha * ell**(-beta) + b; recall = 1 / (1 + (L_after / L50)**k)"
+# Recall 1.0 is the asymptote of the link; a request for 1.0 is planned as this value
+# (training itself still runs until every token passes).
+PLANNING_RECALL_CAP = 0.999
+LOSS_FLOOR_NATS = 1e-4
+
+
+class LawError(ValueError):
+    """A request the law cannot answer, or points it cannot be fitted to."""
+
+
+@dataclass
+class LawPoint:
+    rank: int
+    sequence_length: int  # ℓ, target tokens
+    loss_before_nats: float
+    loss_after_nats: float
+    fact_recall: float
+    token_recall: float | None = None
+    params: int = 0  # trainable adapter parameters
+    source: str = ""  # calibration run or job that produced the point
+
+    @property
+    def loss_reduction(self) -> float:
+        return self.loss_before_nats - self.loss_after_nats
+
+
+@dataclass
+class Plan:
+    rank: int
+    sequence_length: int
+    predicted_fact_recall: float
+    predicted_loss_after_nats: float
+    loss_before_nats: float
+    candidates: dict[int, float]  # rank -> predicted fact recall
+
+
+@dataclass
+class ParametricMemoryLaw:
+    C: float
+    alpha: float
+    beta: float
+    b: float
+    L50: float
+    k: float
+    base_model: dict = field(default_factory=dict)
+    family: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)  # the budget the law holds for
+    points: list[LawPoint] = field(default_factory=list)
+    fit: dict = field(default_factory=dict)  # r2_log, n_points, ...
+    history: list[dict] = field(default_factory=list)
+
+    # --- prediction -------------------------------------------------------------------
+    def loss_reduction(self, rank: float, sequence_length: float) -> float:
+        return self.C * rank**self.alpha * sequence_length ** (-self.beta) + self.b
+
+    def recall_at_loss(self, loss_after: float) -> float:
+        loss_after = max(loss_after, LOSS_FLOOR_NATS)
+        return 1.0 / (1.0 + (loss_after / self.L50) ** self.k)
+
+    def predict(self, rank: int, sequence_length: int, loss_before: float) -> tuple[float, float]:
+        """(predicted loss after training, predicted fact recall)."""
+        after = max(loss_before - self.loss_reduction(rank, sequence_length), LOSS_FLOOR_NATS)
+        return after, self.recall_at_loss(after)
+
+    def choose_rank(
+        self,
+        sequence_length: int,
+        target_recall: float,
+        loss_before: float,
+        candidates=RANK_LADDER,
+        max_rank: int | None = None,
+    ) -> Plan:
+        """The smallest candidate rank predicted to reach `target_recall` (fact recall)."""
+        if not 0 < target_recall <= 1:
+            raise LawError(f"target recall must be in (0, 1], got {target_recall}")
+        if sequence_length <= 0:
+            raise LawError(f"sequence length ℓ must be positive, got {sequence_length}")
+        ranks = sorted(r for r in candidates if max_rank is None or r <= max_rank)
+        if not ranks:
+            raise LawError(f"no candidate rank at or below the serving limit {max_rank}")
+        goal = min(target_recall, PLANNING_RECALL_CAP)
+        predicted = {r: self.predict(r, sequence_length, loss_before) for r in ranks}
+        for r in ranks:
+            after, recall = predicted[r]
+            if recall >= goal:
+                return Plan(
+                    r,
+                    sequence_length,
+                    recall,
+                    after,
+                    loss_before,
+                    {k: v[1] for k, v in predicted.items()},
+                )
+        top = ranks[-1]
+        raise LawError(
+            f"no rank up to {top} is predicted to reach fact recall {target_recall} at "
+            f"ℓ={sequence_length} (rank {top} predicts {predicted[top][1]:.3f}); split the "
+            f"knowledge base, lower the target, or raise the serving limit"
+        )
+
+    # --- fitting ----------------------------------------------------------------------
+    @classmethod
+    def fit_points(cls, points: list[LawPoint], **meta) -> "ParametricMemoryLaw":
+        power, r2 = _fit_power(points)
+        link = _fit_link(points)
+        law = cls(**power, **link, points=list(points), **meta)
+        law.fit = {"r2_log": r2, "n_points": len(points)}
+        return law
+
+    def refit_with(self, point: LawPoint) -> "ParametricMemoryLaw":
+        """Add one finished training's point and refit; the old constants go to history."""
+        old = {k: getattr(self, k) for k in ("C", "alpha", "beta", "b", "L50", "k")}
+        law = ParametricMemoryLaw.fit_points(
+            [*self.points, point],
+            base_model=self.base_model,
+            family=self.family,
+            training=self.training,
+        )
+        law.history = [
+            *self.history,
+            {"constants": old, "fit": self.fit, "added_point": asdict(point)},
+        ]
+        return law
+
+    # --- storage ----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["form"] = FORM
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ParametricMemoryLaw":
+        data = {k: v for k, v in data.items() if k != "form"}
+        data["points"] = [LawPoint(**p) for p in data.get("points", [])]
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically: a temporary file in the same folder, then rename."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self.to_dict(), fh, indent=2)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ParametricMemoryLaw":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _fit_power(points: list[LawPoint]) -> tuple[dict, float]:
+    """Least squares in log space. For a grid of offsets b below the smallest ΔL, log(ΔL − b)
+    is linear in (log r, log ℓ); keep the b whose fit predicts log ΔL best."""
+    if len(points) < 4:
+        raise LawError(f"need at least 4 points to fit the law, got {len(points)}")
+    dl = np.array([p.loss_reduction for p in points])
+    if (dl <= 0).any():
+        raise LawError("every calibration point needs a positive loss reduction")
+    r = np.array([p.rank for p in points], dtype=float)
+    ell = np.array([p.sequence_length for p in points], dtype=float)
+    if len(set(r)) < 2 or len(set(ell)) < 2:
+        raise LawError("the fit needs at least two different ranks and two different ℓ")
+    design = np.column_stack([np.ones_like(r), np.log(r), -np.log(ell)])
+    best = None
+    for b in np.concatenate(
+        [
+            -np.geomspace(dl.max() * 10, 1e-6, 200),
+            [0.0],
+            np.linspace(0, dl.min(), 200, endpoint=False)[1:],
+        ]
+    ):
+        coef, *_ = np.linalg.lstsq(design, np.log(dl - b), rcond=None)
+        pred = np.exp(design @ coef) + b
+        if (pred <= 0).any():
+            continue
+        sse = float(((np.log(dl) - np.log(pred)) ** 2).sum())
+        if best is None or sse < best[0]:
+            best = (sse, b, coef)
+    sse, b, coef = best
+    sst = float(((np.log(dl) - np.log(dl).mean()) ** 2).sum())
+    r2 = 1.0 - sse / sst if sst > 0 else 1.0
+    return {
+        "C": float(np.exp(coef[0])),
+        "alpha": float(coef[1]),
+        "beta": float(coef[2]),
+        "b": float(b),
+    }, r2
+
+
+def _fit_link(points: list[LawPoint]) -> dict:
+    """Log-logistic recall(L) by grid search on squared error in recall space."""
+    loss = np.maximum(np.array([p.loss_after_nats for p in points]), LOSS_FLOOR_NATS)
+    recall = np.array([p.fact_recall for p in points])
+    best = None
+    for l50 in np.geomspace(1e-3, 10, 161):
+        for k in np.geomspace(0.3, 30, 81):
+            err = float(((1 / (1 + (loss / l50) ** k) - recall) ** 2).sum())
+            if best is None or err < best[0]:
+                best = (err, l50, k)
+    return {"L50": float(best[1]), "k": float(best[2])}

@@ -1,0 +1,108 @@
+"""Plan an update: observe ℓ, measure the base model's loss on the facts, and let the law pick
+the smallest rank predicted to reach the requested fact recall.
+
+Laws are looked up by base-model identity and adapter family: first in $MEMUPDATE_HOME/laws
+(refined by finished jobs), then among the laws shipped in the package. A model with no law gets
+a clear message and the conservative fallback: the largest rank on the ladder within the serving
+limit (MemFT still stops as soon as every token passes, so a too-large rank costs parameters,
+not correctness).
+"""
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+from memupdate.adapter import RANK_LADDER, AdapterFamily, params_per_rank
+from memupdate.base_model import ModelIdentity
+from memupdate.encoding import EncodedFact, sequence_length
+from memupdate.home import home
+from memupdate.law import LawError, ParametricMemoryLaw
+from memupdate.recall import measure_recall
+
+DEFAULT_MAX_RANK = 64
+
+
+@dataclass
+class PlanReport:
+    sequence_length: int  # ℓ, target tokens over all facts
+    facts: int
+    rank: int
+    adapter_params: int
+    target_recall: float  # fact recall requested
+    predicted_fact_recall: float | None  # None when no law was available
+    loss_before_nats: float
+    law: str  # where the law came from, or why none was used
+    candidates: dict[int, float] | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def law_file_name(identity: ModelIdentity, family: AdapterFamily) -> str:
+    layers = "all" if family.layers is None else "-".join(map(str, family.layers))
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", identity.name)
+    return f"{safe}-{identity.digest}-L{layers}-r{len(family.target_modules)}m.json"
+
+
+def user_law_path(identity: ModelIdentity, family: AdapterFamily) -> Path:
+    return home() / "laws" / law_file_name(identity, family)
+
+
+def find_law(identity: ModelIdentity, family: AdapterFamily) -> tuple[ParametricMemoryLaw, str]:
+    """The law for this model and family; raises LawError naming what is missing."""
+    name = law_file_name(identity, family)
+    user = user_law_path(identity, family)
+    if user.exists():
+        return ParametricMemoryLaw.load(user), str(user)
+    shipped = resources.files("memupdate") / "data" / "laws" / name
+    if shipped.is_file():
+        return ParametricMemoryLaw.from_dict(json.loads(shipped.read_text())), f"shipped:{name}"
+    raise LawError(
+        f"no calibrated law for {identity.name} ({identity.digest}) with this adapter family; "
+        f"run `memupdate calibrate` to fit one"
+    )
+
+
+def plan_update(
+    model,
+    facts: list[EncodedFact],
+    pad_id: int,
+    identity: ModelIdentity,
+    family: AdapterFamily,
+    target_recall: float,
+    max_rank: int = DEFAULT_MAX_RANK,
+    law: ParametricMemoryLaw | None = None,
+) -> PlanReport:
+    ell = sequence_length(facts)
+    loss_before = measure_recall(model, facts, pad_id).mean_loss_nats
+    per_rank = params_per_rank(model, family)
+    source = "given"
+    if law is None:
+        try:
+            law, source = find_law(identity, family)
+        except LawError as err:
+            rank = max(r for r in RANK_LADDER if r <= max_rank)
+            return PlanReport(
+                ell,
+                len(facts),
+                rank,
+                rank * per_rank,
+                target_recall,
+                None,
+                loss_before,
+                f"fallback to the largest rank: {err}",
+            )
+    plan = law.choose_rank(ell, target_recall, loss_before, max_rank=max_rank)
+    return PlanReport(
+        ell,
+        len(facts),
+        plan.rank,
+        plan.rank * per_rank,
+        target_recall,
+        plan.predicted_fact_recall,
+        loss_before,
+        source,
+        plan.candidates,
+    )

@@ -1,0 +1,81 @@
+import math
+
+import numpy as np
+import pytest
+
+from memupdate.law import LawError, LawPoint, ParametricMemoryLaw
+
+TRUE = {"C": 10.0, "alpha": 0.45, "beta": 0.6, "b": 0.05}
+
+
+def synthetic_points(noise: float, seed: int = 0) -> list[LawPoint]:
+    rng = np.random.default_rng(seed)
+    points = []
+    for r in (1, 2, 4, 8, 16, 32):
+        for ell in (250, 500, 1000, 2000, 4000):
+            dl = TRUE["C"] * r ** TRUE["alpha"] * ell ** -TRUE["beta"] + TRUE["b"]
+            dl *= math.exp(rng.normal(0, noise))
+            after = max(3.0 - dl, 1e-3)
+            recall = 1 / (1 + (after / 0.4) ** 3)
+            points.append(LawPoint(r, ell, 3.0, after, recall, source=f"r{r}-l{ell}"))
+    return points
+
+
+def test_fit_recovers_known_constants_from_noisy_points():
+    law = ParametricMemoryLaw.fit_points(synthetic_points(noise=0.03))
+    assert law.alpha == pytest.approx(TRUE["alpha"], abs=0.05)
+    assert law.beta == pytest.approx(TRUE["beta"], abs=0.07)
+    assert law.fit["r2_log"] > 0.98
+    assert law.L50 == pytest.approx(0.4, rel=0.1) and law.k == pytest.approx(3.0, rel=0.2)
+
+
+def test_choose_rank_returns_the_smallest_rank_that_meets_the_target():
+    law = ParametricMemoryLaw.fit_points(synthetic_points(noise=0.0))
+    at_8 = law.predict(8, 1000, 3.0)[1]
+    at_4 = law.predict(4, 1000, 3.0)[1]
+    assert at_4 < at_8
+    target = (at_4 + at_8) / 2  # reachable at rank 8, not at rank 4
+    plan = law.choose_rank(1000, target, loss_before=3.0)
+    assert plan.rank == 8 and plan.predicted_fact_recall == pytest.approx(at_8)
+    assert all(plan.candidates[r] < target for r in plan.candidates if r < 8)
+    # More to hold needs at least as much rank; an easier target needs no more.
+    assert law.choose_rank(4000, target, 3.0).rank > 8
+    assert law.choose_rank(1000, at_4, 3.0).rank == 4
+
+
+def test_requests_out_of_range_get_clear_errors():
+    law = ParametricMemoryLaw.fit_points(synthetic_points(noise=0.0))
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(LawError, match="target recall must be in"):
+            law.choose_rank(1000, bad, 3.0)
+    with pytest.raises(LawError, match="ℓ must be positive"):
+        law.choose_rank(0, 0.9, 3.0)
+    with pytest.raises(LawError, match="no rank up to 2 is predicted to reach"):
+        law.choose_rank(10**7, 0.99, 3.0, max_rank=2)
+    with pytest.raises(LawError, match="serving limit"):
+        law.choose_rank(1000, 0.9, 3.0, candidates=(8, 16), max_rank=4)
+
+
+def test_fit_needs_enough_varied_points():
+    points = synthetic_points(0.0)
+    with pytest.raises(LawError, match="at least 4 points"):
+        ParametricMemoryLaw.fit_points(points[:3])
+    same_rank = [p for p in points if p.rank == 4]
+    with pytest.raises(LawError, match="two different ranks"):
+        ParametricMemoryLaw.fit_points(same_rank)
+
+
+def test_save_load_roundtrip_and_refit_keeps_history(tmp_path):
+    law = ParametricMemoryLaw.fit_points(synthetic_points(0.02), base_model={"name": "m"})
+    path = tmp_path / "law.json"
+    law.save(path)
+    back = ParametricMemoryLaw.load(path)
+    assert back.to_dict() == law.to_dict()
+    assert back.predict(8, 1000, 3.0) == law.predict(8, 1000, 3.0)
+    assert not list(tmp_path.glob("*.tmp"))
+
+    refit = law.refit_with(LawPoint(64, 1000, 3.0, 0.01, 1.0, source="job-1"))
+    assert len(refit.points) == len(law.points) + 1
+    assert refit.history[-1]["added_point"]["source"] == "job-1"
+    assert refit.history[-1]["constants"]["alpha"] == law.alpha
+    assert refit.base_model == {"name": "m"}
