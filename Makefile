@@ -31,7 +31,7 @@ demo: setup
 	$(VENV)/bin/memupdate compare examples/new_facts.jsonl --adapter out/demo-adapter
 
 bench: setup
-	$(PY) bench/memft_vs_uniform.py
+	cd bench && ../$(PY) memft_vs_uniform.py && ../$(PY) margin_drift.py
 
 lint:
 	$(VENV)/bin/ruff check .

@@ -20,8 +20,9 @@ class AdapterFamily:
     layers: tuple[int, ...] | None = None
     alpha: float = 32.0  # the paper's lora_alpha
     # The paper uses 1e-2; on SmolLM2-135M with one adapted layer that made recalled facts flip
-    # back and forth (10 facts: 271 steps); 2e-3 converged in 102 steps.
-    learning_rate: float = 2e-3
+    # back and forth. 12 phonebook facts at rank 4 reached full recall in 227 steps at 2e-3
+    # and in 131 at 1e-3.
+    learning_rate: float = 1e-3
     dropout: float = 0.0
 
     def lora_config(self, rank: int):

@@ -1,0 +1,172 @@
+"""Calibrate the Parametric Memory Law: a grid of trainings (rank × ℓ × seed) at a fixed budget.
+
+Each run trains a fresh adapter with MemFT for at most `epochs` passes over its facts (the law's
+"fixed training budget"; MemFT stops early once every token passes) and records one LawPoint.
+Points are appended to `points.jsonl` as each run finishes (flushed and fsynced), so a crash or
+Ctrl-C loses at most the run in flight, and rerunning the same command skips finished runs.
+"""
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from memupdate.adapter import AdapterFamily, params_per_rank
+from memupdate.encoding import EncodedFact, sequence_length
+from memupdate.law import LawError, LawPoint, ParametricMemoryLaw
+from memupdate.memft import TrainSettings, train_adapter
+from memupdate.phonebook import phonebook_facts
+
+
+@dataclass(frozen=True)
+class Grid:
+    ranks: tuple[int, ...]
+    lengths: tuple[int, ...]  # ℓ: target tokens per run
+    seeds: tuple[int, ...] = (0,)
+    epochs: int = 20  # training budget: passes over the run's facts
+    batch_size: int = 16
+
+    def runs(self) -> Iterator[tuple[int, int, int]]:
+        for seed in self.seeds:
+            for ell in self.lengths:
+                for rank in self.ranks:
+                    yield rank, ell, seed
+
+
+def slice_to_length(facts: list[EncodedFact], ell: int) -> list[EncodedFact]:
+    """The shortest prefix of `facts` holding at least `ell` target tokens."""
+    total = 0
+    for i, fact in enumerate(facts):
+        total += len(fact.target_ids)
+        if total >= ell:
+            return facts[: i + 1]
+    raise LawError(f"the fact source holds only {total} target tokens, fewer than ℓ={ell}")
+
+
+def phonebook_source(encode: Callable, seed: int, ell: int) -> list[EncodedFact]:
+    """Enough seeded phonebook facts for ℓ target tokens (each holds about 11)."""
+    facts = encode(phonebook_facts(ell // 4 + 10, seed=seed))
+    return slice_to_length(facts, ell)
+
+
+def run_key(rank: int, ell: int, seed: int) -> str:
+    return f"r{rank}-l{ell}-s{seed}"
+
+
+def load_points(path: Path) -> dict[str, LawPoint]:
+    """Finished runs by key. A torn last line (crash mid-write) is ignored."""
+    points: dict[str, LawPoint] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            points[data["source"]] = LawPoint(**data)
+    return points
+
+
+def append_point(path: Path, point: LawPoint) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(asdict(point)) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def calibrate(
+    load_model: Callable,
+    encode: Callable,
+    family: AdapterFamily,
+    grid: Grid,
+    out: Path,
+    source: Callable[[int, int], list[EncodedFact]],
+    on_run: Callable[[str, LawPoint | None], None] = lambda key, point: None,
+) -> list[LawPoint]:
+    """Run every grid cell not yet in out/points.jsonl; return all points of the grid."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "points.jsonl"
+    done = load_points(path)
+    for rank, ell, seed in grid.runs():
+        key = run_key(rank, ell, seed)
+        if key in done:
+            on_run(key, done[key])
+            continue
+        facts = source(seed, ell)
+        model, tokenizer = load_model()
+        steps = grid.epochs * math.ceil(len(facts) / grid.batch_size)
+        settings = TrainSettings(rank=rank, family=family, seed=seed, max_steps=steps,
+                                 batch_size=grid.batch_size)
+        peft_model, result = train_adapter(model, facts, tokenizer.pad_token_id, settings)
+        point = LawPoint(
+            rank=rank,
+            sequence_length=sequence_length(facts),
+            loss_before_nats=result.loss_before_nats,
+            loss_after_nats=result.recall.mean_loss_nats,
+            fact_recall=result.recall.fact_recall,
+            token_recall=result.recall.token_recall,
+            params=rank * params_per_rank(peft_model, family),
+            source=key,
+        )
+        append_point(path, point)
+        done[key] = point
+        on_run(key, point)
+    return [done[run_key(*cell)] for cell in grid.runs()]
+
+
+def fit_with_holdout(points: list[LawPoint], every: int = 5, **meta) -> ParametricMemoryLaw:
+    """Fit on all points; also fit without every `every`-th point and report the error on those
+    held-out points (log ΔL and fact recall), stored in law.fit."""
+    law = ParametricMemoryLaw.fit_points(points, **meta)
+    held = points[every - 1 :: every]
+    kept = [p for p in points if p not in held]
+    try:
+        partial = ParametricMemoryLaw.fit_points(kept)
+    except LawError:
+        return law
+    log_err = [abs(math.log(partial.loss_reduction(p.rank, p.sequence_length))
+                   - math.log(p.loss_reduction)) for p in held if p.loss_reduction > 0
+               and partial.loss_reduction(p.rank, p.sequence_length) > 0]
+    recall_err = [abs(partial.predict(p.rank, p.sequence_length, p.loss_before_nats)[1]
+                      - p.fact_recall) for p in held]
+    law.fit.update({
+        "holdout_points": len(held),
+        "holdout_mean_abs_log_dl": float(np.mean(log_err)) if log_err else None,
+        "holdout_mean_abs_fact_recall": float(np.mean(recall_err)) if recall_err else None,
+    })
+    return law
+
+
+def plot(law: ParametricMemoryLaw, path: Path) -> None:
+    """Two panels: ΔL against rank (one curve per ℓ), and fact recall against predicted loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    lengths = sorted({p.sequence_length for p in law.points})
+    ranks = np.geomspace(min(p.rank for p in law.points), max(p.rank for p in law.points), 50)
+    for i, ell in enumerate(lengths):
+        color = plt.cm.viridis(i / max(1, len(lengths) - 1))
+        pts = [p for p in law.points if p.sequence_length == ell]
+        left.scatter([p.rank for p in pts], [p.loss_reduction for p in pts], color=color)
+        left.plot(ranks, [law.loss_reduction(r, ell) for r in ranks], color=color,
+                  label=f"ℓ={ell}")
+    left.set(xscale="log", xlabel="LoRA rank r", ylabel="ΔL (nats/token)",
+             title=f"ΔL = C·r^α·ℓ^-β + b   (R² log = {law.fit.get('r2_log', float('nan')):.3f})")
+    left.legend(fontsize=8)
+    predicted = [law.predict(p.rank, p.sequence_length, p.loss_before_nats)[0]
+                 for p in law.points]
+    right.scatter(predicted, [p.fact_recall for p in law.points], label="runs (predicted loss)")
+    grid = np.geomspace(max(1e-3, min(predicted) / 2), max(predicted) * 2, 100)
+    right.plot(grid, [law.recall_at_loss(x) for x in grid], color="black", label="link")
+    right.set(xscale="log", xlabel="loss after training (nats/token)", ylabel="fact recall",
+              title="fact recall against predicted loss")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,123 @@
+"""The `memupdate` commands, run in-process on the tiny model."""
+
+import json
+
+import pytest
+
+from memupdate.cli import main
+from memupdate.facts import write_facts
+from memupdate.phonebook import phonebook_facts
+
+
+@pytest.fixture()
+def facts_file(tmp_path):
+    path = tmp_path / "pb.jsonl"
+    write_facts(phonebook_facts(8, seed=4), path)
+    return path
+
+
+def test_plan_without_a_law_falls_back_and_says_so(
+    tiny_dir, facts_file, capsys, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("MEMUPDATE_HOME", str(tmp_path / "home"))  # no user laws
+    code = main(
+        [
+            "plan",
+            str(facts_file),
+            "--target-recall",
+            "0.9",
+            "--model",
+            str(tiny_dir),
+            "--max-rank",
+            "16",
+            "--json",
+        ]
+    )
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["facts"] == 8 and report["sequence_length"] > 8 * 5
+    assert report["rank"] == 16 and report["predicted_fact_recall"] is None
+    assert "no calibrated law" in report["law"]
+    assert report["adapter_params"] > 0
+
+
+def test_train_writes_adapter_and_report(tiny_dir, facts_file, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    code = main(
+        [
+            "train",
+            str(facts_file),
+            "--out",
+            str(out),
+            "--rank",
+            "8",
+            "--lr",
+            "1e-2",
+            "--model",
+            str(tiny_dir),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["success"] and report["recall"]["fact_recall"] == 1.0
+    assert report["greedy"]["exact"] == report["greedy"]["checked"] == 8
+    assert report["rank"] == 8 and report["adapter_params"] > 0
+    assert report["base_model"]["name"] == "tiny-llama"
+    assert 0 <= report["locality"] <= 1
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in out.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".adapter")]  # no temp left
+    assert "every target token passed" in capsys.readouterr().out
+
+    assert main(["compare", str(facts_file), "--adapter", str(out), "--model", str(tiny_dir)]) == 0
+    assert "greedy verbatim: 8/8 facts" in capsys.readouterr().out
+    # An existing output folder is not replaced silently.
+    assert (
+        main(["train", str(facts_file), "--out", str(out), "--rank", "8", "--model", str(tiny_dir)])
+        == 2
+    )
+
+
+def test_train_that_runs_out_of_budget_fails_loudly(tiny_dir, facts_file, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    code = main(
+        [
+            "train",
+            str(facts_file),
+            "--out",
+            str(out),
+            "--rank",
+            "1",
+            "--max-steps",
+            "2",
+            "--model",
+            str(tiny_dir),
+            "--quiet",
+        ]
+    )
+    assert code == 3
+    assert not json.loads((out / "report.json").read_text())["success"]
+    assert "NOT all facts recalled" in capsys.readouterr().out
+
+
+def test_bad_fact_file_is_refused_with_the_line(tiny_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "target": " b"}\n{"prompt": "c", "target": ""}\n')
+    code = main(
+        ["train", str(bad), "--out", str(tmp_path / "x"), "--rank", "1", "--model", str(tiny_dir)]
+    )
+    assert code == 2
+    assert "bad.jsonl:2: `target` is empty" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_contradiction_in_a_file_is_refused(tiny_dir, tmp_path, capsys):
+    bad = tmp_path / "c.jsonl"
+    bad.write_text('{"prompt": "A is", "target": " 1"}\n{"prompt": "A is", "target": " 2"}\n')
+    assert main(["plan", str(bad), "--target-recall", "1", "--model", str(tiny_dir)]) == 2
+    assert "c.jsonl:2: contradicts c.jsonl:1" in capsys.readouterr().err
+
+
+def test_unknown_model_folder_is_a_clear_error(tmp_path, facts_file, capsys):
+    assert main(["plan", str(facts_file), "--target-recall", "1", "--model", str(tmp_path)]) == 2
+    assert "is not a Hugging Face model folder" in capsys.readouterr().err
