@@ -98,8 +98,9 @@ def calibrate(
         facts = source(seed, ell)
         model, tokenizer = load_model()
         steps = grid.epochs * math.ceil(len(facts) / grid.batch_size)
-        settings = TrainSettings(rank=rank, family=family, seed=seed, max_steps=steps,
-                                 batch_size=grid.batch_size)
+        settings = TrainSettings(
+            rank=rank, family=family, seed=seed, max_steps=steps, batch_size=grid.batch_size
+        )
         peft_model, result = train_adapter(model, facts, tokenizer.pad_token_id, settings)
         point = LawPoint(
             rank=rank,
@@ -127,16 +128,24 @@ def fit_with_holdout(points: list[LawPoint], every: int = 5, **meta) -> Parametr
         partial = ParametricMemoryLaw.fit_points(kept)
     except LawError:
         return law
-    log_err = [abs(math.log(partial.loss_reduction(p.rank, p.sequence_length))
-                   - math.log(p.loss_reduction)) for p in held if p.loss_reduction > 0
-               and partial.loss_reduction(p.rank, p.sequence_length) > 0]
-    recall_err = [abs(partial.predict(p.rank, p.sequence_length, p.loss_before_nats)[1]
-                      - p.fact_recall) for p in held]
-    law.fit.update({
-        "holdout_points": len(held),
-        "holdout_mean_abs_log_dl": float(np.mean(log_err)) if log_err else None,
-        "holdout_mean_abs_fact_recall": float(np.mean(recall_err)) if recall_err else None,
-    })
+    log_err = [
+        abs(
+            math.log(partial.loss_reduction(p.rank, p.sequence_length)) - math.log(p.loss_reduction)
+        )
+        for p in held
+        if p.loss_reduction > 0 and partial.loss_reduction(p.rank, p.sequence_length) > 0
+    ]
+    recall_err = [
+        abs(partial.predict(p.rank, p.sequence_length, p.loss_before_nats)[1] - p.fact_recall)
+        for p in held
+    ]
+    law.fit.update(
+        {
+            "holdout_points": len(held),
+            "holdout_mean_abs_log_dl": float(np.mean(log_err)) if log_err else None,
+            "holdout_mean_abs_fact_recall": float(np.mean(recall_err)) if recall_err else None,
+        }
+    )
     return law
 
 
@@ -154,18 +163,24 @@ def plot(law: ParametricMemoryLaw, path: Path) -> None:
         color = plt.cm.viridis(i / max(1, len(lengths) - 1))
         pts = [p for p in law.points if p.sequence_length == ell]
         left.scatter([p.rank for p in pts], [p.loss_reduction for p in pts], color=color)
-        left.plot(ranks, [law.loss_reduction(r, ell) for r in ranks], color=color,
-                  label=f"ℓ={ell}")
-    left.set(xscale="log", xlabel="LoRA rank r", ylabel="ΔL (nats/token)",
-             title=f"ΔL = C·r^α·ℓ^-β + b   (R² log = {law.fit.get('r2_log', float('nan')):.3f})")
+        left.plot(ranks, [law.loss_reduction(r, ell) for r in ranks], color=color, label=f"ℓ={ell}")
+    left.set(
+        xscale="log",
+        xlabel="LoRA rank r",
+        ylabel="ΔL (nats/token)",
+        title=f"ΔL = C·r^α·ℓ^-β + b   (R² log = {law.fit.get('r2_log', float('nan')):.3f})",
+    )
     left.legend(fontsize=8)
-    predicted = [law.predict(p.rank, p.sequence_length, p.loss_before_nats)[0]
-                 for p in law.points]
+    predicted = [law.predict(p.rank, p.sequence_length, p.loss_before_nats)[0] for p in law.points]
     right.scatter(predicted, [p.fact_recall for p in law.points], label="runs (predicted loss)")
     grid = np.geomspace(max(1e-3, min(predicted) / 2), max(predicted) * 2, 100)
     right.plot(grid, [law.recall_at_loss(x) for x in grid], color="black", label="link")
-    right.set(xscale="log", xlabel="loss after training (nats/token)", ylabel="fact recall",
-              title="fact recall against predicted loss")
+    right.set(
+        xscale="log",
+        xlabel="loss after training (nats/token)",
+        ylabel="fact recall",
+        title="fact recall against predicted loss",
+    )
     right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -226,6 +226,75 @@ def cmd_compare(args) -> int:
     return 0 if exact == shown else 3
 
 
+def cmd_calibrate(args) -> int:
+    from tqdm import tqdm
+
+    from memupdate.calibration import Grid, calibrate, fit_with_holdout, phonebook_source, plot
+    from memupdate.planning import user_law_path
+
+    base = Base(args.model)
+    family = base.family(args)
+    grid = Grid(
+        ranks=_ints(args.ranks),
+        lengths=_ints(args.lengths),
+        seeds=_ints(args.seeds),
+        epochs=args.epochs,
+    )
+    context = model_context_length(base.model)
+
+    def encode(facts):
+        return encode_facts(facts, base.tokenizer, context)
+
+    out = Path(args.out)
+    bar = tqdm(
+        total=len(list(grid.runs())), desc="calibration runs", unit="run", disable=args.quiet
+    )
+
+    def on_run(key, point):
+        bar.update(1)
+        bar.set_postfix(
+            run=key, dL=f"{point.loss_reduction:.3f}", fact_recall=f"{point.fact_recall:.2f}"
+        )
+
+    points = calibrate(
+        lambda: load_model(base.folder),
+        encode,
+        family,
+        grid,
+        out,
+        lambda seed, ell: phonebook_source(encode, seed, ell),
+        on_run,
+    )
+    bar.close()
+    law = fit_with_holdout(
+        points,
+        base_model=base.identity.to_dict(),
+        family=family.to_dict(),
+        training={
+            "mode": "memft",
+            "epochs": grid.epochs,
+            "batch_size": grid.batch_size,
+            "facts": "phonebook",
+        },
+    )
+    law.save(out / "law.json")
+    plot(law, out / "law.png")
+    print(
+        f"law: C={law.C:.4g} alpha={law.alpha:.3f} beta={law.beta:.3f} b={law.b:.4f} "
+        f"L50={law.L50:.3f} k={law.k:.2f}; fit {law.fit}"
+    )
+    print(f"wrote {out / 'law.json'} and {out / 'law.png'}")
+    if args.install:
+        target = user_law_path(base.identity, family)
+        law.save(target)
+        print(f"installed for planning: {target}")
+    return 0
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memupdate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -286,6 +355,21 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--limit", type=int, default=20, help="facts to show")
     _add_model_args(compare)
     compare.set_defaults(func=cmd_compare)
+
+    cal = sub.add_parser("calibrate", help="fit the law from a grid of trainings (resumable)")
+    cal.add_argument("--ranks", default="1,2,4,8,16")
+    cal.add_argument("--lengths", default="110,220,440,880", help="ℓ values, target tokens")
+    cal.add_argument("--seeds", default="0")
+    cal.add_argument("--epochs", type=int, default=20, help="training budget per run")
+    cal.add_argument("--out", required=True, help="folder for points.jsonl, law.json, law.png")
+    cal.add_argument(
+        "--install",
+        action="store_true",
+        help="also install the law in $MEMUPDATE_HOME/laws for `plan`",
+    )
+    cal.add_argument("--quiet", action="store_true")
+    _add_model_args(cal)
+    cal.set_defaults(func=cmd_calibrate)
     return parser
 
 
