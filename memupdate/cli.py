@@ -18,10 +18,10 @@ from memupdate.base_model import (
 )
 from memupdate.encoding import encode_facts, model_context_length
 from memupdate.facts import DEFAULT_MAX_FACTS, FactError, load_facts, write_facts
-from memupdate.law import LawError
+from memupdate.law import LawError, LawPoint
 from memupdate.memft import DEFAULT_MARGIN, MODES, Progress, TrainSettings, train_adapter
 from memupdate.phonebook import phonebook_facts
-from memupdate.planning import DEFAULT_MAX_RANK, plan_update
+from memupdate.planning import DEFAULT_MAX_RANK, plan_update, record_training
 from memupdate.recall import greedy_check, greedy_continuation, locality, measure_recall
 from memupdate.tiny_model import prepare_tiny_model
 
@@ -180,6 +180,22 @@ def cmd_train(args) -> int:
         shutil.rmtree(out)
     tmp.rename(out)
 
+    law_file = record_training(
+        base.identity,
+        family,
+        LawPoint(
+            rank=rank,
+            sequence_length=result.sequence_length,
+            loss_before_nats=result.loss_before_nats,
+            loss_after_nats=result.recall.mean_loss_nats,
+            fact_recall=result.recall.fact_recall,
+            token_recall=result.recall.token_recall,
+            params=report["adapter_params"],
+            source=f"train:{out.name}:{result.steps}steps",
+        ),
+    )
+    if law_file:
+        print(f"law refined with this run's point: {law_file}")
     r = result.recall
     verdict = "every target token passed" if result.success else "NOT all facts recalled"
     print(

@@ -8,6 +8,7 @@ limit (MemFT still stops as soon as every token passes, so a too-large rank cost
 not correctness).
 """
 
+import fcntl
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -18,7 +19,7 @@ from memupdate.adapter import RANK_LADDER, AdapterFamily, params_per_rank
 from memupdate.base_model import ModelIdentity
 from memupdate.encoding import EncodedFact, sequence_length
 from memupdate.home import home
-from memupdate.law import LawError, ParametricMemoryLaw
+from memupdate.law import LawError, LawPoint, ParametricMemoryLaw
 from memupdate.recall import measure_recall
 
 DEFAULT_MAX_RANK = 64
@@ -63,6 +64,24 @@ def find_law(identity: ModelIdentity, family: AdapterFamily) -> tuple[Parametric
         f"no calibrated law for {identity.name} ({identity.digest}) with this adapter family; "
         f"run `memupdate calibrate` to fit one"
     )
+
+
+def record_training(identity: ModelIdentity, family: AdapterFamily, point: LawPoint) -> Path | None:
+    """Online refinement: add a finished training's point to this model's law and refit.
+
+    Read-modify-write under an exclusive file lock, written atomically, so concurrent writers
+    neither lose points nor leave a torn file. The first refinement of a shipped law copies it
+    to $MEMUPDATE_HOME/laws. Returns the law file, or None when the model has no law yet."""
+    path = user_law_path(identity, family)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            law, _ = find_law(identity, family)
+        except LawError:
+            return None
+        law.refit_with(point).save(path)
+    return path
 
 
 def plan_update(

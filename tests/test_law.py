@@ -79,3 +79,39 @@ def test_save_load_roundtrip_and_refit_keeps_history(tmp_path):
     assert refit.history[-1]["added_point"]["source"] == "job-1"
     assert refit.history[-1]["constants"]["alpha"] == law.alpha
     assert refit.base_model == {"name": "m"}
+
+
+def _add_points(args):
+    home, start = args
+    import os
+
+    os.environ["MEMUPDATE_HOME"] = home
+    from memupdate.adapter import AdapterFamily
+    from memupdate.base_model import ModelIdentity
+    from memupdate.planning import record_training
+
+    for i in range(start, start + 5):
+        point = LawPoint(4, 1000 + i, 3.0, 1.0, 0.5, source=f"w{i}")
+        record_training(ModelIdentity("m", "d"), AdapterFamily(layers=(1,)), point)
+
+
+def test_concurrent_refinements_lose_no_point(tmp_path, monkeypatch):
+    import multiprocessing
+
+    from memupdate.adapter import AdapterFamily
+    from memupdate.base_model import ModelIdentity
+    from memupdate.planning import record_training, user_law_path
+
+    monkeypatch.setenv("MEMUPDATE_HOME", str(tmp_path))
+    identity, family = ModelIdentity("m", "d"), AdapterFamily(layers=(1,))
+    # No law yet: nothing to refine, nothing written.
+    assert record_training(identity, family, LawPoint(1, 10, 3.0, 2.0, 0.0)) is None
+    start = ParametricMemoryLaw.fit_points(synthetic_points(0.02))
+    start.save(user_law_path(identity, family))
+
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        pool.map(_add_points, [(str(tmp_path), k * 5) for k in range(4)])
+    law = ParametricMemoryLaw.load(user_law_path(identity, family))
+    added = {p.source for p in law.points} - {p.source for p in start.points}
+    assert added == {f"w{i}" for i in range(20)}
+    assert len(law.history) == 20 and law.fit["n_points"] == len(start.points) + 20
