@@ -24,9 +24,13 @@ def parser(description: str) -> argparse.ArgumentParser:
 def setup(args):
     """(folder, model loader, encoded facts). The loader gives a fresh base model each call."""
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
-    folder = resolve_model_dir(args.model) if args.model else prepare_default_model(
-        progress=lambda m: print(m, file=sys.stderr))
+    folder = (
+        resolve_model_dir(args.model)
+        if args.model
+        else prepare_default_model(progress=lambda m: print(m, file=sys.stderr))
+    )
     model, tok = load_model(folder)
-    facts = encode_facts(phonebook_facts(args.facts, seed=args.seed), tok,
-                         model_context_length(model))
+    facts = encode_facts(
+        phonebook_facts(args.facts, seed=args.seed), tok, model_context_length(model)
+    )
     return folder, (lambda: load_model(folder)), facts

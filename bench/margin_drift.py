@@ -20,19 +20,27 @@ def main() -> None:
     args = parser(__doc__).parse_args()
     _, load, facts = setup(args)
     model, tok = load()
-    settings = TrainSettings(rank=args.rank, margin=0.0, seed=args.seed,
-                             family=default_family(model.config.num_hidden_layers),
-                             max_steps=args.max_steps)
+    settings = TrainSettings(
+        rank=args.rank,
+        margin=0.0,
+        seed=args.seed,
+        family=default_family(model.config.num_hidden_layers),
+        max_steps=args.max_steps,
+    )
     peft_model, res = train_adapter(model, facts, tok.pad_token_id, settings)
     fp32 = torch.cat(token_probabilities(peft_model, facts, tok.pad_token_id))
     bf16 = torch.cat(token_probabilities(peft_model.to(torch.bfloat16), facts, tok.pad_token_id))
     shift = (bf16.float() - fp32).abs()
     flipped = int(((fp32 > PASS_PROBABILITY) != (bf16.float() > PASS_PROBABILITY)).sum())
-    print(f"trained to p > 0.5 in fp32: success={res.success} steps={res.steps} "
-          f"min_p={fp32.min():.4f}")
-    print(f"bf16 vs fp32 over {fp32.numel()} target tokens: max |Δp| {shift.max():.4f}, "
-          f"p99 {shift.quantile(0.99):.4f}, median {shift.median():.4f}; "
-          f"tokens crossing 0.5: {flipped}")
+    print(
+        f"trained to p > 0.5 in fp32: success={res.success} steps={res.steps} "
+        f"min_p={fp32.min():.4f}"
+    )
+    print(
+        f"bf16 vs fp32 over {fp32.numel()} target tokens: max |Δp| {shift.max():.4f}, "
+        f"p99 {shift.quantile(0.99):.4f}, median {shift.median():.4f}; "
+        f"tokens crossing 0.5: {flipped}"
+    )
 
 
 if __name__ == "__main__":

@@ -18,24 +18,32 @@ def main() -> None:
     results = {}
     for mode in ("uniform", "memft"):
         model, tok = load()
-        settings = TrainSettings(rank=args.rank, mode=mode, seed=args.seed,
-                                 family=default_family(model.config.num_hidden_layers),
-                                 max_steps=args.max_steps)
+        settings = TrainSettings(
+            rank=args.rank,
+            mode=mode,
+            seed=args.seed,
+            family=default_family(model.config.num_hidden_layers),
+            max_steps=args.max_steps,
+        )
         _, res = train_adapter(model, facts, tok.pad_token_id, settings)
         results[mode] = res
-        print(f"{mode:8s} success={res.success} steps={res.steps} tokens={res.tokens_processed} "
-              f"seconds={res.seconds:.1f} fact_recall={res.recall.fact_recall:.3f} "
-              f"token_recall={res.recall.token_recall:.3f} min_p={res.recall.min_prob:.3f}",
-              flush=True)
+        print(
+            f"{mode:8s} success={res.success} steps={res.steps} tokens={res.tokens_processed} "
+            f"seconds={res.seconds:.1f} fact_recall={res.recall.fact_recall:.3f} "
+            f"token_recall={res.recall.token_recall:.3f} min_p={res.recall.min_prob:.3f}",
+            flush=True,
+        )
     m, u = results["memft"], results["uniform"]
     ell = m.sequence_length
     print(f"facts={len(facts)} ℓ={ell} rank={args.rank} seed={args.seed}")
     if not (m.success and u.success):
         print("ratios not comparable: a run did not reach 100% fact recall within the budget")
         return
-    print(f"MemFT/uniform ratios: steps {m.steps / u.steps:.2f}, "
-          f"tokens {m.tokens_processed / u.tokens_processed:.2f}, "
-          f"wall time {m.seconds / u.seconds:.2f}")
+    print(
+        f"MemFT/uniform ratios: steps {m.steps / u.steps:.2f}, "
+        f"tokens {m.tokens_processed / u.tokens_processed:.2f}, "
+        f"wall time {m.seconds / u.seconds:.2f}"
+    )
 
 
 if __name__ == "__main__":

