@@ -54,11 +54,6 @@ class Version:
     serving: dict | None  # recall measured through serving, once verified
     created_at: float
 
-    @property
-    def serving_name(self) -> str:
-        """The name vLLM serves this exact version under (immutable, so never stale)."""
-        return f"{self.kb}@v{self.version}"
-
 
 def validate_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):

@@ -64,13 +64,6 @@ class VLLMClient:
     def models(self) -> list[dict]:
         return self._request("GET", "/v1/models")["data"]
 
-    def max_lora_rank(self) -> int | None:
-        """The server's --max-lora-rank, read from its models list where it is reported."""
-        for model in self.models():
-            if "max_lora_rank" in model:
-                return int(model["max_lora_rank"])
-        return None
-
     def load_adapter(self, name: str, path: str) -> None:
         """Load (or replace in place) the adapter served under `name`."""
         self._request(

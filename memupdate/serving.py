@@ -1,0 +1,160 @@
+"""Serving backends (one interface, real vLLM behind it) and the path from a trained adapter to
+a live, verified knowledge base.
+
+Going live: the new version is published to the registry, loaded on every replica under a
+staging name that is unique to the version (`kb@vN`), and its recall is measured through each
+replica. Only when every replica passes is the version loaded in place under the knowledge base's
+own name and marked live; until then the previous version keeps serving. Prefix caching is off on
+managed servers and every version lives in its own folder, so the name never serves cached
+results of an older version.
+"""
+
+import logging
+from dataclasses import dataclass
+
+from memupdate.encoding import EncodedFact
+from memupdate.registry import Registry, Version
+from memupdate.vllm_client import ServingError, ServingRecall, VLLMClient, serving_recall
+from memupdate.vllm_server import ManagedVLLM
+
+log = logging.getLogger("memupdate.serving")
+
+
+class RankLimitError(ValueError):
+    """The chosen rank is larger than what the serving backend accepts."""
+
+
+class ServingBackend:
+    """A set of vLLM replicas that memupdate loads adapters into."""
+
+    max_lora_rank: int
+
+    def replicas(self) -> list[VLLMClient]:
+        raise NotImplementedError
+
+    def ensure_up(self, registry: Registry) -> None:
+        """Make sure every replica answers (restarting managed ones and restoring their live
+        adapters); raise ServingError if one cannot be brought back."""
+
+    def check_rank(self, rank: int) -> None:
+        if rank > self.max_lora_rank:
+            raise RankLimitError(
+                f"rank {rank} exceeds the serving limit (--max-lora-rank {self.max_lora_rank}); "
+                f"lower the rank or raise the server's limit"
+            )
+
+
+class ExternalBackend(ServingBackend):
+    """Existing vLLM servers (URLs), started with runtime LoRA updating enabled."""
+
+    def __init__(self, urls: list[str], max_lora_rank: int):
+        self.clients = [VLLMClient(u) for u in urls]
+        self.max_lora_rank = max_lora_rank
+
+    def replicas(self) -> list[VLLMClient]:
+        return self.clients
+
+    def ensure_up(self, registry: Registry) -> None:
+        down = [c.url for c in self.clients if not c.healthy()]
+        if down:
+            raise ServingError(f"replicas not answering: {', '.join(down)}")
+
+
+class ManagedBackend(ServingBackend):
+    """One vLLM server that memupdate started as a child process, restarted if it dies."""
+
+    def __init__(self, server: ManagedVLLM):
+        self.server = server
+        self.max_lora_rank = server.config.max_lora_rank
+        self.restarts = 0
+
+    def replicas(self) -> list[VLLMClient]:
+        return [self.server.client]
+
+    def ensure_up(self, registry: Registry) -> None:
+        if self.server.alive() and self.server.client.healthy():
+            return
+        log.warning("managed vLLM is down; restarting it")
+        self.server.stop()
+        self.server.start()
+        self.restarts += 1
+        restore_live(registry, self)
+
+
+def restore_live(registry: Registry, backend: ServingBackend) -> list[str]:
+    """Load every live version under its knowledge base's name (after a replica restart)."""
+    restored = []
+    for kb in registry.knowledge_bases():
+        live = registry.live(kb)
+        if live is not None:
+            for client in backend.replicas():
+                client.load_adapter(kb, str(live.path))
+            restored.append(kb)
+    return restored
+
+
+@dataclass
+class GoLiveResult:
+    version: Version
+    live: bool
+    per_replica: dict[str, ServingRecall]
+    reason: str  # why it is live, or why not
+
+
+def staging_name(version: Version) -> str:
+    return f"{version.kb}@v{version.version}"
+
+
+def verify_and_go_live(
+    registry: Registry,
+    backend: ServingBackend,
+    version: Version,
+    facts: list[EncodedFact],
+    tokenizer,
+    target_fact_recall: float,
+    greedy_limit: int | None = 64,
+) -> GoLiveResult:
+    """Stage `version` on every replica, measure recall through each, and make it live only if
+    every replica reaches the target fact recall and reproduces the sampled facts greedily."""
+    backend.ensure_up(registry)
+    name = staging_name(version)
+    results: dict[str, ServingRecall] = {}
+    try:
+        for client in backend.replicas():
+            client.load_adapter(name, str(version.path))
+            results[client.url] = serving_recall(client, name, facts, tokenizer, greedy_limit)
+    finally:
+        for client in backend.replicas():
+            try:
+                client.unload_adapter(name)
+            except ServingError:
+                pass  # the replica may be gone; the staging name dies with it
+    worst = min(r.recall.fact_recall for r in results.values())
+    greedy_ok = all(r.greedy_exact == r.greedy_checked for r in results.values())
+    summary = {url: r.to_dict() for url, r in results.items()}
+    registry.record_serving(version.kb, version.version, summary)
+    if worst < target_fact_recall or not greedy_ok:
+        reason = (
+            f"serving fact recall {worst:.3f} below the target {target_fact_recall}"
+            if worst < target_fact_recall
+            else "greedy output differs from a target"
+        )
+        return GoLiveResult(version, False, results, f"not made live: {reason}")
+    for client in backend.replicas():
+        client.load_adapter(version.kb, str(version.path))
+    registry.set_live(version.kb, version.version)
+    return GoLiveResult(
+        version,
+        True,
+        results,
+        f"live on {len(results)} replica(s), serving fact recall {worst:.3f}",
+    )
+
+
+def rollback(registry: Registry, backend: ServingBackend, kb: str) -> Version:
+    """Serve the previous verified version again, on every replica."""
+    backend.ensure_up(registry)
+    previous = registry.rollback(kb)
+    for client in backend.replicas():
+        client.load_adapter(kb, str(previous.path))
+    return previous

