@@ -18,6 +18,9 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+from memupdate.facts import Fact, load_facts, write_facts
+
+FACTS_FILE = "facts.jsonl"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -54,6 +57,9 @@ class Version:
     serving: dict | None  # recall measured through serving, once verified
     created_at: float
 
+    def facts(self) -> list[Fact]:
+        return load_facts(self.path / FACTS_FILE) if (self.path / FACTS_FILE).exists() else []
+
 
 def validate_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
@@ -87,8 +93,11 @@ class Registry:
         return db
 
     # --- writing -----------------------------------------------------------------------
-    def publish(self, kb: str, adapter_dir: Path, metadata: dict) -> Version:
-        """Copy a trained adapter in as the knowledge base's next version (not live yet)."""
+    def publish(
+        self, kb: str, adapter_dir: Path, metadata: dict, facts: list[Fact] | None = None
+    ) -> Version:
+        """Copy a trained adapter in as the knowledge base's next version (not live yet), with
+        the facts it holds (facts.jsonl: what probes and later updates start from)."""
         validate_name(kb)
         adapter_dir = Path(adapter_dir)
         for required in ("adapter_config.json", "adapter_model.safetensors"):
@@ -99,6 +108,8 @@ class Registry:
         kb_dir.mkdir(exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=kb_dir, prefix=".incoming-"))
         shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
+        if facts is not None:
+            write_facts(facts, tmp / FACTS_FILE)
         sha = weights_sha256(tmp)
         (tmp / "metadata.json").write_text(json.dumps({**metadata, "sha256": sha}, indent=2))
         with closing(self._connect()) as db:

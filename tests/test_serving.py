@@ -184,3 +184,71 @@ def test_base_requests_never_get_adapter_output_while_slots_are_full(stack, adap
         assert answer == base_expected[prompt], (prompt, answer)
     # The adapters really change these prompts' answers, so a leak would have been visible.
     assert any(a != base_expected[p] for m, p, a in answers if m != "base")
+
+
+def test_cli_publish_serve_check_against_an_external_replica(stack, tiny_dir, tmp_path, capsys):
+    from memupdate.cli import main
+    from memupdate.facts import write_facts
+
+    _, backend, _ = stack
+    url = backend.server.client.url
+    facts = tmp_path / "facts.jsonl"
+    write_facts(phonebook_facts(4, seed=21), facts)
+    adapter = tmp_path / "adapter"
+    model = ["--model", str(tiny_dir)]
+    serving = ["--registry", str(tmp_path / "reg"), "--vllm-url", url]
+    assert (
+        main(
+            [
+                "train",
+                str(facts),
+                "--out",
+                str(adapter),
+                "--rank",
+                "8",
+                "--lr",
+                "1e-2",
+                "--quiet",
+                *model,
+            ]
+        )
+        == 0
+    )
+    # Checked against the serving limit before anything is published.
+    assert (
+        main(
+            [
+                "publish",
+                "cli-kb",
+                str(adapter),
+                str(facts),
+                "--max-lora-rank",
+                "1",
+                *model,
+                *serving,
+            ]
+        )
+        == 2
+    )
+    assert "exceeds the serving limit" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "publish",
+                "cli-kb",
+                str(adapter),
+                str(facts),
+                "--max-lora-rank",
+                "8",
+                *model,
+                *serving,
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "published cli-kb v1" in out and "live on 1 replica(s)" in out
+    assert main(["serve-check", "cli-kb", *model, *serving]) == 0
+    assert "fact recall 1.000" in capsys.readouterr().out
+    assert main(["kbs", "--registry", str(tmp_path / "reg")]) == 0
+    assert "cli-kb: live v1; versions v1(r=8, verified)" in capsys.readouterr().out
