@@ -30,7 +30,7 @@ def main() -> None:
     _, load, _ = setup(args)
     law = ParametricMemoryLaw.load(args.law)
     family = AdapterFamily.from_dict(law.family)
-    epochs = law.training["epochs"]
+    steps = law.training["steps"]
     model, tok = load()
     context = model_context_length(model)
     per_rank = params_per_rank(model, family)
@@ -41,14 +41,13 @@ def main() -> None:
 
     def fact_recall(facts, rank):
         m, t = load()
-        steps = epochs * math.ceil(len(facts) / law.training["batch_size"])
         _, res = train_adapter(
             m, facts, t.pad_token_id, TrainSettings(rank=rank, family=family, max_steps=steps)
         )
         return res.recall.fact_recall
 
     rows = []
-    print(f"law: alpha={law.alpha:.3f} beta={law.beta:.3f} budget={epochs} epochs; ladder {ladder}")
+    print(f"law: alpha={law.alpha:.3f} beta={law.beta:.3f} budget={steps} steps; ladder {ladder}")
     print(f"{'ℓ':>5} {'target':>6} {'chosen':>6} {'oracle':>6} {'achieved':>8} {'bits/param':>10}")
     for case, (ell, target) in enumerate(CASES):
         facts = phonebook_source(encode, FRESH_SEED + case, ell)

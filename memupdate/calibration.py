@@ -1,7 +1,9 @@
 """Calibrate the Parametric Memory Law: a grid of trainings (rank × ℓ × seed) at a fixed budget.
 
-Each run trains a fresh adapter with MemFT for at most `epochs` passes over its facts (the law's
-"fixed training budget"; MemFT stops early once every token passes) and records one LawPoint.
+Each run trains a fresh adapter with MemFT for at most `steps` optimizer steps (the law's fixed
+training budget; MemFT stops early once every token passes) and records one LawPoint. The budget
+is in steps, not epochs: with a budget in epochs a small ℓ gets so few steps (10 facts, batch 16:
+one step an epoch) that no rank learns anything and rank stops mattering.
 Points are appended to `points.jsonl` as each run finishes (flushed and fsynced), so a crash or
 Ctrl-C loses at most the run in flight, and rerunning the same command skips finished runs.
 """
@@ -27,7 +29,7 @@ class Grid:
     ranks: tuple[int, ...]
     lengths: tuple[int, ...]  # ℓ: target tokens per run
     seeds: tuple[int, ...] = (0,)
-    epochs: int = 20  # training budget: passes over the run's facts
+    steps: int = 150  # training budget: optimizer steps per run
     batch_size: int = 16
 
     def runs(self) -> Iterator[tuple[int, int, int]]:
@@ -97,9 +99,8 @@ def calibrate(
             continue
         facts = source(seed, ell)
         model, tokenizer = load_model()
-        steps = grid.epochs * math.ceil(len(facts) / grid.batch_size)
         settings = TrainSettings(
-            rank=rank, family=family, seed=seed, max_steps=steps, batch_size=grid.batch_size
+            rank=rank, family=family, seed=seed, max_steps=grid.steps, batch_size=grid.batch_size
         )
         peft_model, result = train_adapter(model, facts, tokenizer.pad_token_id, settings)
         point = LawPoint(

@@ -258,7 +258,7 @@ def cmd_calibrate(args) -> int:
         ranks=_ints(args.ranks),
         lengths=_ints(args.lengths),
         seeds=_ints(args.seeds),
-        epochs=args.epochs,
+        steps=args.steps,
     )
     context = model_context_length(base.model)
 
@@ -292,7 +292,7 @@ def cmd_calibrate(args) -> int:
         family=family.to_dict(),
         training={
             "mode": "memft",
-            "epochs": grid.epochs,
+            "steps": grid.steps,
             "batch_size": grid.batch_size,
             "facts": "phonebook",
         },
@@ -516,12 +516,17 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--ranks", default="1,2,4,8,16")
     cal.add_argument("--lengths", default="110,220,440,880", help="ℓ values, target tokens")
     cal.add_argument("--seeds", default="0")
-    cal.add_argument("--epochs", type=int, default=20, help="training budget per run")
+    cal.add_argument("--steps", type=int, default=150, help="training budget per run (steps)")
     cal.add_argument("--out", required=True, help="folder for points.jsonl, law.json, law.png")
     cal.add_argument(
         "--install",
         action="store_true",
         help="also install the law in $MEMUPDATE_HOME/laws for `plan`",
+    )
+    cal.add_argument(
+        "--ship",
+        action="store_true",
+        help="also write it into the package data/laws (developers, for a release)",
     )
     cal.add_argument("--quiet", action="store_true")
     _add_model_args(cal)

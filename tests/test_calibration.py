@@ -20,8 +20,8 @@ def test_calibrate_writes_a_law_that_reloads_predicts_and_resumes(
         "1,4,16",
         "--lengths",
         "40,120",
-        "--epochs",
-        "6",
+        "--steps",
+        "40",
         "--lr",
         "1e-2",
         "--out",
@@ -35,7 +35,7 @@ def test_calibrate_writes_a_law_that_reloads_predicts_and_resumes(
     assert all(p.sequence_length >= 40 and p.params > 0 for p in points.values())
 
     law = ParametricMemoryLaw.load(out / "law.json")
-    assert law.base_model["name"] == "tiny-llama" and law.training["epochs"] == 6
+    assert law.base_model["name"] == "tiny-llama" and law.training["steps"] == 40
     assert law.fit["n_points"] == 6 and "holdout_points" in law.fit
     assert (out / "law.png").stat().st_size > 10_000
     # The stored fit is reproduced from the stored points.
