@@ -10,6 +10,7 @@ results of an older version.
 """
 
 import logging
+import threading
 from dataclasses import dataclass
 
 from memupdate.encoding import EncodedFact
@@ -67,18 +68,41 @@ class ManagedBackend(ServingBackend):
         self.server = server
         self.max_lora_rank = server.config.max_lora_rank
         self.restarts = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
 
     def replicas(self) -> list[VLLMClient]:
         return [self.server.client]
 
     def ensure_up(self, registry: Registry) -> None:
-        if self.server.alive() and self.server.client.healthy():
-            return
-        log.warning("managed vLLM is down; restarting it")
+        with self._lock:  # the watchdog and a job may notice the death at the same time
+            if self.server.alive() and self.server.client.healthy():
+                return
+            log.warning("managed vLLM is down; restarting it")
+            self.server.stop()
+            self.server.start()
+            restore_live(registry, self)
+            self.restarts += 1
+
+    def watch(self, registry: Registry, interval_s: float = 5.0) -> None:
+        """Restart the server in the background whenever it dies, restoring live versions."""
+
+        def loop():
+            while not self._stop.wait(interval_s):
+                try:
+                    self.ensure_up(registry)
+                except ServingError as err:
+                    log.error("could not restart the managed vLLM: %s", err)
+
+        self._watchdog = threading.Thread(target=loop, name="vllm-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join()
         self.server.stop()
-        self.server.start()
-        self.restarts += 1
-        restore_live(registry, self)
 
 
 def restore_live(registry: Registry, backend: ServingBackend) -> list[str]:

@@ -4,6 +4,7 @@ through the plugin, and never serve adapter output to a base-model request."""
 
 import json
 import threading
+import time
 import urllib.request
 from dataclasses import replace
 
@@ -17,6 +18,7 @@ from memupdate.memft import TrainSettings, train_adapter
 from memupdate.phonebook import phonebook_facts
 from memupdate.registry import Registry
 from memupdate.serving import (
+    ExternalBackend,
     ManagedBackend,
     RankLimitError,
     rollback,
@@ -64,10 +66,11 @@ def stack(tiny_dir, tmp_path_factory):
         log_path=root / "vllm.log",
     )
     server.start()
+    backend = ManagedBackend(server)
     try:
-        yield Registry(root / "registry"), ManagedBackend(server), root
+        yield Registry(root / "registry"), backend, root
     finally:
-        server.stop()
+        backend.close()
 
 
 def ask(url, model, prompt, max_tokens=12):
@@ -94,7 +97,7 @@ def test_publish_verify_update_rollback(stack, adapters, tiny_dir):
     url = backend.server.client.url
 
     path, encoded = adapters["v1"]
-    v1 = registry.publish("kb", path, {"facts": len(encoded)})
+    v1 = registry.publish("kb", path, {"facts": len(encoded)}, facts=OLD)
     result = verify_and_go_live(registry, backend, v1, encoded, tok, 1.0)
     assert result.live, result.reason
     [recall] = result.per_replica.values()
@@ -105,7 +108,7 @@ def test_publish_verify_update_rollback(stack, adapters, tiny_dir):
     # The update: one fact's number changed, four facts added. The name must serve the new
     # version at once: the changed fact answers with its new number, never the cached old one.
     path, encoded = adapters["v2"]
-    v2 = registry.publish("kb", path, {"facts": len(encoded)})
+    v2 = registry.publish("kb", path, {"facts": len(encoded)}, facts=[CHANGED, *OLD[1:], *NEW])
     assert verify_and_go_live(registry, backend, v2, encoded, tok, 1.0).live
     expect(url, [CHANGED, *OLD[1:], *NEW])
     assert "kb@v2" not in backend.server.client.served_adapters()  # staging name unloaded
@@ -129,15 +132,17 @@ def test_killed_server_comes_back_serving_the_live_version(stack, adapters, tiny
     registry, backend, _ = stack
     live = registry.live("kb")
     assert live is not None  # set by the previous test
-    backend.server.kill()
-    assert not backend.server.alive()
-    backend.ensure_up(registry)
+    backend.watch(registry, interval_s=1.0)
+    backend.server.kill()  # SIGKILL, as a crash would
+    deadline = time.monotonic() + 240
+    while backend.restarts == 0 and time.monotonic() < deadline:
+        time.sleep(1)
     assert backend.restarts == 1 and backend.server.alive()
     expect(backend.server.client.url, OLD if live.version == 1 else NEW)
 
 
 def test_new_replica_resolves_the_live_version_through_the_plugin(stack, tiny_dir):
-    registry, _, root = stack
+    registry, backend, root = stack
     assert registry.live("kb").version == 1
     config = ServerConfig(
         model=tiny_dir,
@@ -150,6 +155,16 @@ def test_new_replica_resolves_the_live_version_through_the_plugin(stack, tiny_di
         assert "kb" not in replica.client.served_adapters()  # nobody posted anything here
         expect(replica.client.url, OLD)
         assert replica.client.served_adapters()["kb"] == str(registry.live("kb").path)
+
+        # Two replicas: a version goes live only when both serve it and pass the check.
+        _, tok = load_model(tiny_dir)
+        v2 = registry.version("kb", 2)
+        encoded = encode_facts(v2.facts(), tok, 256)
+        both = ExternalBackend([backend.server.client.url, replica.client.url], 8)
+        result = verify_and_go_live(registry, both, v2, encoded, tok, 1.0)
+        assert result.live and len(result.per_replica) == 2
+        for url in result.per_replica:
+            expect(url, [CHANGED, *NEW])
 
 
 def test_base_requests_never_get_adapter_output_while_slots_are_full(stack, adapters, tiny_dir):
