@@ -2,13 +2,12 @@
 live, update without stale answers, roll back, survive a killed server, resolve on a new replica
 through the plugin, and never serve adapter output to a base-model request."""
 
-import json
 import threading
 import time
-import urllib.request
 from dataclasses import replace
 
 import pytest
+from openai_api import ask
 
 from memupdate.adapter import default_family
 from memupdate.base_model import load_model
@@ -71,18 +70,6 @@ def stack(tiny_dir, tmp_path_factory):
         yield Registry(root / "registry"), backend, root
     finally:
         backend.close()
-
-
-def ask(url, model, prompt, max_tokens=12):
-    """What an application does: a plain OpenAI completions call with a text prompt."""
-    body = json.dumps(
-        {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-    ).encode()
-    req = urllib.request.Request(
-        f"{url}/v1/completions", body, {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        return json.loads(resp.read())["choices"][0]["text"]
 
 
 def expect(url, facts):

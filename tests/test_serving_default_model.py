@@ -1,0 +1,49 @@
+"""The default model end to end through vLLM: train on the example facts, publish, verify
+through serving, and read the new knowledge back through the OpenAI API."""
+
+from pathlib import Path
+
+import pytest
+from openai_api import ask
+
+from memupdate.adapter import default_family
+from memupdate.encoding import encode_facts, model_context_length
+from memupdate.facts import load_facts
+from memupdate.memft import TrainSettings, train_adapter
+from memupdate.recall import measure_recall
+from memupdate.registry import Registry
+from memupdate.serving import ManagedBackend, verify_and_go_live
+from memupdate.vllm_server import ManagedVLLM, ServerConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "new_facts.jsonl"
+
+
+def test_example_facts_go_live_and_are_answered_through_vllm(default, default_dir, tmp_path):
+    model, tok = default
+    facts = load_facts(EXAMPLES)
+    encoded = encode_facts(facts, tok, model_context_length(model))
+    settings = TrainSettings(rank=4, family=default_family(30), max_steps=800)
+    peft_model, result = train_adapter(model, encoded, tok.pad_token_id, settings)
+    assert result.success, result.recall
+    trained = measure_recall(peft_model, encoded, tok.pad_token_id)
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    registry = Registry(tmp_path / "registry")
+    version = registry.publish("news", tmp_path / "adapter", {}, facts=facts)
+    server = ManagedVLLM(
+        ServerConfig(model=default_dir, max_lora_rank=8, max_loras=2),
+        log_path=tmp_path / "vllm.log",
+    )
+    with server:
+        backend = ManagedBackend(server)
+        live = verify_and_go_live(registry, backend, version, encoded, tok, 1.0)
+        assert live.live, live.reason
+        [served] = live.per_replica.values()
+        # fp32 serving agrees with the trainer's own measurement.
+        assert served.recall.fact_recall == 1.0
+        assert served.recall.min_prob == pytest.approx(trained.min_prob, abs=1e-3)
+        for fact in facts:
+            assert ask(server.client.url, "news", fact.prompt, 24).startswith(fact.target)
+            # The base model served beside it does not know the fact.
+            assert not ask(server.client.url, "base", fact.prompt, 24).startswith(fact.target)
