@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Model cache (the converted default model, laws): inside the checkout, ignored by git.
 export MEMUPDATE_HOME ?= $(CURDIR)/.memupdate-home
 
-.PHONY: setup test demo bench lint format clean
+.PHONY: setup test demo bench lint format clean proto
 
 setup: $(VENV)/.setup-done
 
@@ -32,6 +32,11 @@ demo: setup
 
 bench: setup
 	cd bench && ../$(PY) memft_vs_uniform.py && ../$(PY) margin_drift.py
+
+# Regenerate the gRPC code from proto/ (tests/test_proto.py checks it is in sync).
+proto: setup
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
+		proto/memupdate/v1/memupdate.proto
 
 lint:
 	$(VENV)/bin/ruff check .

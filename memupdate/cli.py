@@ -434,6 +434,26 @@ def cmd_kbs(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from memupdate.config import ServiceConfig
+    from memupdate.logs import configure
+    from server.app import serve
+
+    configure()
+    config = ServiceConfig.load(
+        args.config,
+        data_dir=args.data_dir,
+        model=args.model,
+        grpc_host=args.grpc_host,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        vllm_urls=args.vllm_url,
+        max_lora_rank=args.max_lora_rank,
+    )
+    serve(config)
+    return 0
+
+
 def _add_serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", help="registry folder (default: $MEMUPDATE_HOME/registry)")
     p.add_argument(
@@ -554,6 +574,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(back)
     _add_serving_args(back)
     back.set_defaults(func=cmd_rollback)
+
+    srv = sub.add_parser("serve", help="run the gRPC knowledge-update service")
+    srv.add_argument("--config", help="JSON file of settings (MEMUPDATE_* env vars also work)")
+    srv.add_argument("--data-dir")
+    srv.add_argument("--model", help="local HF model folder (default: SmolLM2-135M-Instruct)")
+    srv.add_argument("--grpc-host")
+    srv.add_argument("--grpc-port", type=int)
+    srv.add_argument("--metrics-port", type=int)
+    srv.add_argument("--vllm-url", action="append", help="external vLLM replica (repeatable)")
+    srv.add_argument("--max-lora-rank", type=int)
+    srv.set_defaults(func=cmd_serve)
 
     kbs = sub.add_parser("kbs", help="list knowledge bases and their versions")
     kbs.add_argument("--registry")

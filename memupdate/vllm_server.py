@@ -10,6 +10,7 @@ engine). Prefix caching is off: a same-name in-place reload keeps the adapter's 
 blocks computed with the old weights would otherwise be served (vllm #42125).
 """
 
+import json
 import os
 import signal
 import socket
@@ -38,7 +39,7 @@ class ServerConfig:
     port: int = 0  # 0: pick a free port
     max_lora_rank: int = 64
     max_loras: int = 4
-    max_model_len: int = 512
+    max_model_len: int | None = None  # None: 512, or the model's own limit if smaller
     kv_cache_gib: int = 1
     dtype: str = "float32"
     max_num_seqs: int = 1  # see the module docstring: the CPU LoRA bugs
@@ -62,6 +63,12 @@ class ManagedVLLM:
         self.process: subprocess.Popen | None = None
         self.client = VLLMClient(f"http://127.0.0.1:{self.port}")
 
+    def max_model_len(self) -> int:
+        if self.config.max_model_len:
+            return self.config.max_model_len
+        model_config = json.loads((Path(self.config.model) / "config.json").read_text())
+        return min(512, int(model_config.get("max_position_embeddings", 512)))
+
     def command(self) -> list[str]:
         c = self.config
         return [
@@ -80,7 +87,7 @@ class ManagedVLLM:
             c.dtype,
             "--enforce-eager",
             "--max-model-len",
-            str(c.max_model_len),
+            str(self.max_model_len()),
             "--enable-lora",
             "--max-lora-rank",
             str(c.max_lora_rank),

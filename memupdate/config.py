@@ -1,0 +1,52 @@
+"""Service configuration: one pydantic settings object, from flags, MEMUPDATE_* environment
+variables and an optional JSON file (flags win over the environment, which wins over the file)."""
+
+import json
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from memupdate.home import home
+
+
+class ServiceConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MEMUPDATE_", extra="forbid")
+
+    data_dir: Path = Field(default_factory=lambda: home() / "service")
+    model: str | None = None  # local HF folder; None = the embedded default
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    metrics_port: int = 9464
+    # External vLLM replicas; empty = a managed local server.
+    vllm_urls: list[str] = []
+    max_lora_rank: int = 64
+    max_loras: int = 4
+    # Bearer tokens: token -> role ("writer" or "reader"). Empty = no authentication.
+    auth_tokens: dict[str, str] = {}
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_queued_jobs: int = 100
+    max_facts_per_update: int = 100_000
+    max_message_bytes: int = 64 * 1024 * 1024
+    default_max_steps: int = 2000
+    workers: int = 1  # trainings at a time (each worker holds its own copy of the model)
+
+    @field_validator("auth_tokens")
+    @classmethod
+    def _roles(cls, tokens: dict[str, str]) -> dict[str, str]:
+        bad = {r for r in tokens.values() if r not in ("writer", "reader")}
+        if bad:
+            raise ValueError(f"auth token roles must be 'writer' or 'reader', got {sorted(bad)}")
+        return tokens
+
+    @classmethod
+    def load(cls, file: str | Path | None = None, **overrides) -> "ServiceConfig":
+        values = json.loads(Path(file).read_text()) if file else {}
+        env = cls()  # environment and defaults
+        merged = {
+            **values,
+            **env.model_dump(exclude_unset=True),
+            **{k: v for k, v in overrides.items() if v is not None},
+        }
+        return cls(**merged)

@@ -1,0 +1,224 @@
+"""One knowledge-base update, from request to live: merge facts, plan, train, publish, verify.
+
+The whole knowledge base is retrained into each new version, so the new version recalls the old
+facts and the new ones; a new fact whose prompt already exists with another target replaces the
+old one (the job says how many). The law's rank is chosen for the whole base's ℓ.
+"""
+
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from memupdate.adapter import AdapterFamily, params_per_rank
+from memupdate.base_model import ModelIdentity
+from memupdate.encoding import EncodedFact, encode_facts, model_context_length
+from memupdate.facts import Fact, check_fact_count
+from memupdate.law import LawPoint
+from memupdate.memft import DEFAULT_MARGIN, Progress, TrainSettings, train_adapter
+from memupdate.planning import PlanReport, plan_update, record_training
+from memupdate.registry import Registry
+from memupdate.serving import ServingBackend, verify_and_go_live
+
+Emit = Callable[[str, dict], None]
+
+
+class Cancelled(Exception):
+    """The job was cancelled while it ran."""
+
+
+class UpdateFailed(Exception):
+    """The update cannot go live; the message says why."""
+
+
+@dataclass
+class UpdateRequest:
+    kb: str
+    facts: list[Fact]
+    target_fact_recall: float
+    rank_override: int = 0
+    margin: float = 0.0  # 0: the default
+    max_steps: int = 0  # 0: the default
+    max_seconds: float = 0.0  # 0: no limit
+
+
+@dataclass
+class Runtime:
+    """What every job needs, loaded once per worker."""
+
+    model_folder: Path
+    identity: ModelIdentity
+    model: object
+    tokenizer: object
+    family: AdapterFamily
+    registry: Registry
+    backend: ServingBackend
+    default_max_steps: int = 2000
+    max_facts: int = 100_000
+    progress_interval_s: float = 1.0
+    seconds_per_target_token: float = 0.0  # from the last training, for time estimates
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def merge_facts(old: list[Fact], new: list[Fact]) -> tuple[list[Fact], list[Fact]]:
+    """(merged, replaced): new facts added to the old ones; a new fact with the prompt (or text)
+    of an old one replaces it."""
+
+    def key(f: Fact):
+        return ("prompt", f.prompt) if f.text is None else ("text", f.text)
+
+    merged = {key(f): f for f in old}
+    replaced = [merged[key(f)] for f in new if key(f) in merged and merged[key(f)] != f]
+    for fact in new:
+        merged[key(fact)] = fact
+    return list(merged.values()), replaced
+
+
+def prepare(rt: Runtime, request: UpdateRequest) -> tuple[list[Fact], list[EncodedFact], int]:
+    """Merge with the live version's facts and encode; (merged, encoded, replaced count)."""
+    live = rt.registry.live(request.kb)
+    old = live.facts() if live else []
+    merged, replaced = merge_facts(old, request.facts)
+    check_fact_count(merged, rt.max_facts)
+    encoded = encode_facts(merged, rt.tokenizer, model_context_length(rt.model))
+    return merged, encoded, len(replaced)
+
+
+def plan(rt: Runtime, request: UpdateRequest) -> tuple[PlanReport, int]:
+    _, encoded, replaced = prepare(rt, request)
+    with rt.lock:
+        report = plan_update(
+            rt.model,
+            encoded,
+            rt.tokenizer.pad_token_id,
+            rt.identity,
+            rt.family,
+            request.target_fact_recall,
+            max_rank=rt.backend.max_lora_rank,
+        )
+    return report, replaced
+
+
+def run_update(
+    rt: Runtime, request: UpdateRequest, emit: Emit, cancelled: Callable[[], bool]
+) -> dict:
+    """Run the update to live. Emits events; raises Cancelled, UpdateFailed or FactError."""
+    merged, encoded, replaced = prepare(rt, request)
+    with rt.lock:  # one training on this model at a time
+        started = time.monotonic()
+        report = plan_update(
+            rt.model,
+            encoded,
+            rt.tokenizer.pad_token_id,
+            rt.identity,
+            rt.family,
+            request.target_fact_recall,
+            max_rank=rt.backend.max_lora_rank,
+        )
+        if request.rank_override:
+            report = replace(
+                report,
+                rank=request.rank_override,
+                adapter_params=request.rank_override * params_per_rank(rt.model, rt.family),
+                law=f"rank override {request.rank_override}",
+            )
+        rt.backend.check_rank(report.rank)
+        note = f"{replaced} fact(s) replaced by new targets" if replaced else ""
+        emit("planned", {"plan": report.to_dict(), "replaced": replaced, "message": note})
+        plan_s = time.monotonic() - started
+
+        settings = TrainSettings(
+            rank=report.rank,
+            family=rt.family,
+            margin=request.margin or DEFAULT_MARGIN,
+            max_steps=request.max_steps or rt.default_max_steps,
+            max_seconds=request.max_seconds or None,
+        )
+        last = [0.0]
+
+        def on_progress(p: Progress) -> None:
+            if cancelled():
+                raise Cancelled()
+            if time.monotonic() - last[0] >= rt.progress_interval_s:
+                last[0] = time.monotonic()
+                emit("training", {"progress": p.__dict__})
+
+        work = Path(tempfile.mkdtemp(prefix="memupdate-job-"))
+        try:
+            peft_model, result = train_adapter(
+                rt.model, encoded, rt.tokenizer.pad_token_id, settings, on_progress
+            )
+            try:
+                peft_model.save_pretrained(work / "adapter")
+            finally:
+                rt.model = peft_model.unload()  # the base model, untouched, for the next job
+            train_s = time.monotonic() - started - plan_s
+            rt.seconds_per_target_token = result.seconds / max(1, result.sequence_length)
+            emit(
+                "trained",
+                {
+                    "recall": result.recall.to_dict(),
+                    "steps": result.steps,
+                    "seconds": result.seconds,
+                },
+            )
+            record_training(
+                rt.identity,
+                rt.family,
+                LawPoint(
+                    rank=report.rank,
+                    sequence_length=result.sequence_length,
+                    loss_before_nats=result.loss_before_nats,
+                    loss_after_nats=result.recall.mean_loss_nats,
+                    fact_recall=result.recall.fact_recall,
+                    token_recall=result.recall.token_recall,
+                    params=report.adapter_params,
+                    source=f"job:{request.kb}",
+                ),
+            )
+            if not result.success:
+                missing = ", ".join(result.recall.failing[:5])
+                raise UpdateFailed(
+                    f"training budget ran out ({result.stop_reason}) with fact recall "
+                    f"{result.recall.fact_recall:.3f}; not recalled: {missing}"
+                )
+            if cancelled():
+                raise Cancelled()
+            t0 = time.monotonic()
+            version = rt.registry.publish(
+                request.kb,
+                work / "adapter",
+                {
+                    "base_model": rt.identity.to_dict(),
+                    "plan": report.to_dict(),
+                    "steps": result.steps,
+                    "training_recall": result.recall.to_dict(),
+                },
+                merged,
+            )
+            publish_s = time.monotonic() - t0
+            emit("published", {"version": version.version})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    t0 = time.monotonic()
+    live = verify_and_go_live(
+        rt.registry, rt.backend, version, encoded, rt.tokenizer, request.target_fact_recall
+    )
+    verify_s = time.monotonic() - t0
+    worst = min(live.per_replica.values(), key=lambda r: r.recall.fact_recall)
+    emit("serving_verified", {"recall": worst.to_dict(), "version": version.version})
+    if not live.live:
+        raise UpdateFailed(live.reason)
+    timings = {"plan_s": plan_s, "train_s": train_s, "publish_s": publish_s, "verify_s": verify_s}
+    return {
+        "version": version.version,
+        "plan": report.to_dict(),
+        "replaced": replaced,
+        "training_recall": result.recall.to_dict(),
+        "serving_recall": worst.to_dict(),
+        "timings": timings,
+    }

@@ -1,0 +1,68 @@
+"""The training worker: takes queued jobs one at a time, off the gRPC threads, and runs them."""
+
+import logging
+import threading
+
+from memupdate.facts import Fact, FactError
+from memupdate.jobs import CANCELLED, FAILED, LIVE, JobRecord, JobStore
+from memupdate.law import LawError
+from memupdate.registry import RegistryError
+from memupdate.update import Cancelled, Runtime, UpdateFailed, UpdateRequest, run_update
+from memupdate.vllm_client import ServingError
+
+log = logging.getLogger("memupdate.worker")
+EXPECTED_FAILURES = (UpdateFailed, FactError, LawError, RegistryError, ServingError, ValueError)
+
+
+def request_from_job(job: JobRecord) -> UpdateRequest:
+    data = dict(job.request)
+    data["facts"] = [Fact(**f, source=f"facts[{i}]") for i, f in enumerate(data["facts"])]
+    return UpdateRequest(**data)
+
+
+class Worker(threading.Thread):
+    def __init__(self, store: JobStore, runtime: Runtime):
+        super().__init__(name="memupdate-worker", daemon=True)
+        self.store = store
+        self.runtime = runtime
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self.store.changed:
+            self.store.changed.notify_all()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            job = self.store.claim_next()
+            if job is None:
+                self.store.wait_for_change(1.0)
+                continue
+            self.run_job(job)
+
+    def run_job(self, job: JobRecord) -> None:
+        extra = {"job_id": job.id, "kb": job.kb}
+        log.info("job started (attempt %d)", job.attempts, extra=extra)
+
+        def emit(kind: str, data: dict) -> None:
+            self.store.add_event(job.id, kind, data)
+            self.store.update(job.id, phase=kind)
+            log.info("job %s", kind, extra=extra)
+
+        def cancelled() -> bool:
+            current = self.store.get(job.id)
+            return current is not None and current.cancel_requested
+
+        try:
+            result = run_update(self.runtime, request_from_job(job), emit, cancelled)
+        except Cancelled:
+            self.store.finish(job.id, CANCELLED, "cancelled while running")
+        except EXPECTED_FAILURES as err:
+            self.store.finish(job.id, FAILED, str(err))
+            log.warning("job failed: %s", err, extra=extra)
+        except Exception as err:  # a bug: the job must still end in a definite state
+            log.exception("job crashed", extra=extra)
+            self.store.finish(job.id, FAILED, f"internal error: {type(err).__name__}: {err}")
+        else:
+            self.store.update(job.id, result=result)
+            self.store.finish(job.id, LIVE, f"version {result['version']} {result['reason']}")

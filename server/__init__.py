@@ -1,0 +1,1 @@
+"""gRPC server wiring for memupdate: servicer, auth, health, reflection, start-up."""

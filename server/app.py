@@ -1,0 +1,147 @@
+"""Start-up: the job store, the runtimes, the serving backend, the worker and the gRPC server
+(with health checking and reflection), plus the metrics endpoint."""
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from memupdate.adapter import default_family
+from memupdate.base_model import load_model, model_identity, resolve_model_dir
+from memupdate.config import ServiceConfig
+from memupdate.jobs import JobStore
+from memupdate.registry import Registry
+from memupdate.serving import ExternalBackend, ManagedBackend, ServingBackend, restore_live
+from memupdate.update import Runtime
+from memupdate.v1 import memupdate_pb2, memupdate_pb2_grpc
+from memupdate.vllm_server import ManagedVLLM, ServerConfig
+from memupdate.worker import Worker
+from server.auth import AuthInterceptor
+from server.servicer import Servicer
+
+log = logging.getLogger("memupdate.server")
+SERVICE_NAME = memupdate_pb2.DESCRIPTOR.services_by_name["KnowledgeUpdate"].full_name
+
+
+@dataclass
+class Service:
+    config: ServiceConfig
+    grpc_server: grpc.Server
+    grpc_port: int
+    worker: Worker
+    backend: ServingBackend
+    health: health.HealthServicer
+
+    def stop(self) -> None:
+        self.health.enter_graceful_shutdown()
+        self.grpc_server.stop(grace=5).wait()
+        self.worker.stop()
+        if isinstance(self.backend, ManagedBackend):
+            self.backend.close()
+
+
+def build_backend(config: ServiceConfig, model_folder, registry: Registry) -> ServingBackend:
+    if config.vllm_urls:
+        backend = ExternalBackend(config.vllm_urls, config.max_lora_rank)
+    else:
+        server = ManagedVLLM(
+            ServerConfig(
+                model=model_folder, max_lora_rank=config.max_lora_rank, max_loras=config.max_loras
+            ),
+            log_path=config.data_dir / "vllm.log",
+        )
+        server.start()
+        backend = ManagedBackend(server)
+        backend.watch(registry)
+    restore_live(registry, backend)
+    return backend
+
+
+def start(config: ServiceConfig) -> Service:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    store = JobStore(config.data_dir / "jobs.db")
+    retried = store.recover_interrupted()
+    if retried:
+        log.warning(
+            "requeued %d job(s) interrupted by the last shutdown: %s",
+            len(retried),
+            ", ".join(retried),
+        )
+    registry = Registry(config.data_dir / "registry")
+    registry.sweep()  # half-published versions from a crash are never listed; remove them
+    folder = resolve_model_dir(config.model)
+    identity = model_identity(folder)
+
+    def runtime(backend) -> Runtime:
+        model, tokenizer = load_model(folder)
+        return Runtime(
+            folder,
+            identity,
+            model,
+            tokenizer,
+            default_family(model.config.num_hidden_layers),
+            registry,
+            backend,
+            default_max_steps=config.default_max_steps,
+            max_facts=config.max_facts_per_update,
+        )
+
+    backend = build_backend(config, folder, registry)
+    worker_rt, plan_rt = runtime(backend), runtime(backend)
+    worker = Worker(store, worker_rt)
+
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ]
+    interceptors = [AuthInterceptor(config.auth_tokens)] if config.auth_tokens else []
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=32), options=options, interceptors=interceptors
+    )
+    memupdate_pb2_grpc.add_KnowledgeUpdateServicer_to_server(
+        Servicer(store, worker_rt, plan_rt, config), server
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{config.grpc_host}:{config.grpc_port}"
+    if config.tls_cert and config.tls_key:
+        creds = grpc.ssl_server_credentials(
+            [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())]
+        )
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
+    server.start()
+    worker.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return Service(config, server, port, worker, backend, health_servicer)
+
+
+def serve(config: ServiceConfig) -> None:
+    """Run until SIGINT or SIGTERM; print where everything listens."""
+    from prometheus_client import start_http_server
+
+    service = start(config)
+    metrics_server, _ = start_http_server(config.metrics_port, addr=config.grpc_host)
+    vllm = ", ".join(c.url for c in service.backend.replicas())
+    tls = " (TLS)" if config.tls_cert else ""
+    print(f"memupdate gRPC on {config.grpc_host}:{service.grpc_port}{tls}", flush=True)
+    print(f"metrics on http://{config.grpc_host}:{config.metrics_port}/metrics", flush=True)
+    print(f"vLLM (OpenAI API) on {vllm}", flush=True)
+    print(f"data in {config.data_dir}", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    done.wait()
+    print("stopping", flush=True)
+    metrics_server.shutdown()
+    service.stop()
