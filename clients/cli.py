@@ -25,10 +25,10 @@ def _facts(path: str) -> list[dict]:
 
 
 def _recall(r: pb.RecallReport) -> str:
+    greedy = f"; greedy exact {r.greedy_exact}/{r.greedy_checked}" if r.greedy_checked else ""
     return (
         f"fact recall {r.fact_recall:.3f}, token recall {r.token_recall:.3f}, lowest p "
-        f"{r.min_probability:.3f} ({r.min_probability_fact}); greedy exact "
-        f"{r.greedy_exact}/{r.greedy_checked}"
+        f"{r.min_probability:.3f} ({r.min_probability_fact}){greedy}"
     )
 
 
