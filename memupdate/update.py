@@ -16,7 +16,7 @@ from pathlib import Path
 from memupdate.adapter import AdapterFamily, params_per_rank
 from memupdate.base_model import ModelIdentity
 from memupdate.encoding import EncodedFact, encode_facts, model_context_length
-from memupdate.facts import Fact, check_fact_count
+from memupdate.facts import Fact, FactError, check_fact_count
 from memupdate.law import LawPoint
 from memupdate.memft import DEFAULT_MARGIN, Progress, TrainSettings, train_adapter
 from memupdate.planning import PlanReport, plan_update, record_training
@@ -70,6 +70,13 @@ def merge_facts(old: list[Fact], new: list[Fact]) -> tuple[list[Fact], list[Fact
     def key(f: Fact):
         return ("prompt", f.prompt) if f.text is None else ("text", f.text)
 
+    seen: dict = {}
+    for fact in new:  # within one update, the same prompt twice is a contradiction
+        other = seen.setdefault(key(fact), fact)
+        if other.target != fact.target:
+            raise FactError(
+                f"{fact.where}: contradicts {other.where}: same prompt, different target"
+            )
     merged = {key(f): f for f in old}
     replaced = [merged[key(f)] for f in new if key(f) in merged and merged[key(f)] != f]
     for fact in new:

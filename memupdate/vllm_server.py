@@ -10,6 +10,7 @@ engine). Prefix caching is off: a same-name in-place reload keeps the adapter's 
 blocks computed with the old weights would otherwise be served (vllm #42125).
 """
 
+import ctypes
 import json
 import os
 import signal
@@ -24,6 +25,12 @@ from memupdate.vllm_client import ServingError, VLLMClient
 
 # vLLM's --max-lora-rank accepts only these slot sizes; adapters of any rank up to it are served.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _terminate_with_parent() -> None:
+    """In the child: get SIGTERM if memupdate dies, even by SIGKILL, so no server is orphaned
+    (Linux prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -123,6 +130,7 @@ class ManagedVLLM:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_terminate_with_parent,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

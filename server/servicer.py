@@ -12,7 +12,7 @@ from memupdate.facts import FactError
 from memupdate.law import LawError
 from memupdate.registry import RegistryError
 from memupdate.serving import rollback
-from memupdate.update import Runtime, UpdateRequest, plan
+from memupdate.update import Runtime, UpdateRequest, plan, prepare
 from memupdate.v1 import memupdate_pb2 as pb
 from memupdate.v1 import memupdate_pb2_grpc as pb_grpc
 from memupdate.vllm_client import ServingError, serving_recall
@@ -185,7 +185,10 @@ class Servicer(pb_grpc.KnowledgeUpdateServicer):
             )
             if req.rank_override:
                 self.rt.backend.check_rank(req.rank_override)
-        except (InvalidRequest, ValueError) as err:
+            # Contradictions, facts longer than the context, too many facts in the merged
+            # base: refused now, not discovered by the worker later.
+            prepare(self.plan_rt, UpdateRequest(req.knowledge_base, facts, 1.0))
+        except (InvalidRequest, FactError, ValueError) as err:
             self._abort_for(context, err)
         payload = {
             "kb": req.knowledge_base,

@@ -1,0 +1,84 @@
+"""Run `memupdate serve` as a real child process on 127.0.0.1 for end-to-end tests."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from clients.client import MemupdateClient
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServiceProcess:
+    def __init__(self, data_dir: Path, model: Path, *extra: str, env: dict | None = None):
+        self.port = free_port()
+        self.args = [
+            sys.executable,
+            "-m",
+            "memupdate.cli",
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--model",
+            str(model),
+            "--grpc-port",
+            str(self.port),
+            "--metrics-port",
+            str(free_port()),
+            "--max-lora-rank",
+            "8",
+            *extra,
+        ]
+        self.env = {**os.environ, **(env or {})}
+        self.log = data_dir.parent / f"{data_dir.name}-serve.log"
+        self.process: subprocess.Popen | None = None
+        self.vllm_url: str | None = None
+
+    def start(self, timeout_s: float = 300) -> "ServiceProcess":
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        offset = self.log.stat().st_size if self.log.exists() else 0  # a restart appends
+        self.process = subprocess.Popen(
+            self.args,
+            env=self.env,
+            stdout=open(self.log, "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            text = self.log.read_bytes()[offset:].decode(errors="replace")
+            if "memupdate gRPC on" in text:
+                for line in text.splitlines():
+                    if line.startswith("vLLM (OpenAI API) on "):
+                        self.vllm_url = line.split(" on ", 1)[1].split(",")[0]
+                return self
+            if self.process.poll() is not None:
+                raise RuntimeError(f"memupdate serve exited: {text[-2000:]}")
+            time.sleep(0.5)
+        self.kill()
+        raise RuntimeError("memupdate serve did not start in time")
+
+    def client(self, **kw) -> MemupdateClient:
+        return MemupdateClient(f"127.0.0.1:{self.port}", **kw)
+
+    def kill(self) -> None:
+        """SIGKILL the server and everything it started (its vLLM too), as a crash would."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.kill()
