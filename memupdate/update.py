@@ -223,6 +223,7 @@ def run_update(
     timings = {"plan_s": plan_s, "train_s": train_s, "publish_s": publish_s, "verify_s": verify_s}
     return {
         "version": version.version,
+        "reason": live.reason,
         "plan": report.to_dict(),
         "replaced": replaced,
         "training_recall": result.recall.to_dict(),

@@ -55,6 +55,8 @@ class Worker(threading.Thread):
 
         try:
             result = run_update(self.runtime, request_from_job(job), emit, cancelled)
+            self.store.update(job.id, result=result)
+            self.store.finish(job.id, LIVE, f"version {result['version']} {result['reason']}")
         except Cancelled:
             self.store.finish(job.id, CANCELLED, "cancelled while running")
         except EXPECTED_FAILURES as err:
@@ -63,6 +65,3 @@ class Worker(threading.Thread):
         except Exception as err:  # a bug: the job must still end in a definite state
             log.exception("job crashed", extra=extra)
             self.store.finish(job.id, FAILED, f"internal error: {type(err).__name__}: {err}")
-        else:
-            self.store.update(job.id, result=result)
-            self.store.finish(job.id, LIVE, f"version {result['version']} {result['reason']}")
