@@ -101,29 +101,8 @@ def plan_update(
     ell = sequence_length(facts)
     loss_before = measure_recall(model, facts, pad_id).mean_loss_nats
     per_rank = params_per_rank(model, family)
-    source = "given"
-    if law is None:
-        try:
-            law, source = find_law(identity, family)
-        except LawError as err:
-            rank = max(r for r in RANK_LADDER if r <= max_rank)
-            return PlanReport(
-                ell,
-                len(facts),
-                rank,
-                rank * per_rank,
-                target_recall,
-                None,
-                loss_before,
-                f"fallback to the largest rank: {err}",
-            )
-    try:
-        plan = law.choose_rank(ell, target_recall, loss_before, max_rank=max_rank)
-    except UnreachableTarget as err:
-        # The law's budget is shorter than a job's (MemFT trains until every token passes), so
-        # a pessimistic prediction is no reason to refuse: take the largest rank and say so.
-        rank = max(r for r in RANK_LADDER if r <= max_rank)
-        _, predicted = law.predict(rank, ell, loss_before)
+
+    def planned(rank: int, predicted: float | None, law_note: str, candidates=None):
         return PlanReport(
             ell,
             len(facts),
@@ -132,16 +111,22 @@ def plan_update(
             target_recall,
             predicted,
             loss_before,
-            f"{source}; {err}: using the largest rank",
+            law_note,
+            candidates,
         )
-    return PlanReport(
-        ell,
-        len(facts),
-        plan.rank,
-        plan.rank * per_rank,
-        target_recall,
-        plan.predicted_fact_recall,
-        loss_before,
-        source,
-        plan.candidates,
-    )
+
+    largest = max(r for r in RANK_LADDER if r <= max_rank)
+    source = "given"
+    if law is None:
+        try:
+            law, source = find_law(identity, family)
+        except LawError as err:
+            return planned(largest, None, f"fallback to the largest rank: {err}")
+    try:
+        plan = law.choose_rank(ell, target_recall, loss_before, max_rank=max_rank)
+    except UnreachableTarget as err:
+        # The law's budget is shorter than a job's (MemFT trains until every token passes), so
+        # a pessimistic prediction is no reason to refuse: take the largest rank and say so.
+        predicted = law.predict(largest, ell, loss_before)[1]
+        return planned(largest, predicted, f"{source}; {err}: using the largest rank")
+    return planned(plan.rank, plan.predicted_fact_recall, source, plan.candidates)

@@ -94,19 +94,32 @@ def prepare(rt: Runtime, request: UpdateRequest) -> tuple[list[Fact], list[Encod
     return merged, encoded, len(replaced)
 
 
+def _plan_encoded(rt: Runtime, encoded: list[EncodedFact], request: UpdateRequest) -> PlanReport:
+    """The law's plan for the whole base (or the requested rank); the caller holds rt.lock."""
+    report = plan_update(
+        rt.model,
+        encoded,
+        rt.tokenizer.pad_token_id,
+        rt.identity,
+        rt.family,
+        request.target_fact_recall,
+        max_rank=rt.backend.max_lora_rank,
+    )
+    if request.rank_override:
+        rank = request.rank_override
+        report = replace(
+            report,
+            rank=rank,
+            law=f"rank override {rank}",
+            adapter_params=rank * params_per_rank(rt.model, rt.family),
+        )
+    return report
+
+
 def plan(rt: Runtime, request: UpdateRequest) -> tuple[PlanReport, int]:
     _, encoded, replaced = prepare(rt, request)
     with rt.lock:
-        report = plan_update(
-            rt.model,
-            encoded,
-            rt.tokenizer.pad_token_id,
-            rt.identity,
-            rt.family,
-            request.target_fact_recall,
-            max_rank=rt.backend.max_lora_rank,
-        )
-    return report, replaced
+        return _plan_encoded(rt, encoded, request), replaced
 
 
 def run_update(
@@ -116,22 +129,7 @@ def run_update(
     merged, encoded, replaced = prepare(rt, request)
     with rt.lock:  # one training on this model at a time
         started = time.monotonic()
-        report = plan_update(
-            rt.model,
-            encoded,
-            rt.tokenizer.pad_token_id,
-            rt.identity,
-            rt.family,
-            request.target_fact_recall,
-            max_rank=rt.backend.max_lora_rank,
-        )
-        if request.rank_override:
-            report = replace(
-                report,
-                rank=request.rank_override,
-                adapter_params=request.rank_override * params_per_rank(rt.model, rt.family),
-                law=f"rank override {request.rank_override}",
-            )
+        report = _plan_encoded(rt, encoded, request)
         rt.backend.check_rank(report.rank)
         note = f"{replaced} fact(s) replaced by new targets" if replaced else ""
         emit("planned", {"plan": report.to_dict(), "replaced": replaced, "message": note})

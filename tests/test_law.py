@@ -115,3 +115,25 @@ def test_concurrent_refinements_lose_no_point(tmp_path, monkeypatch):
     added = {p.source for p in law.points} - {p.source for p in start.points}
     assert added == {f"w{i}" for i in range(20)}
     assert len(law.history) == 20 and law.fit["n_points"] == len(start.points) + 20
+
+
+def test_plan_falls_back_to_the_largest_rank_when_no_rank_is_predicted_to_reach(tiny):
+    from memupdate.adapter import default_family
+    from memupdate.base_model import ModelIdentity
+    from memupdate.encoding import encode_facts
+    from memupdate.phonebook import phonebook_facts
+    from memupdate.planning import plan_update
+
+    model, tok = tiny
+    facts = encode_facts(phonebook_facts(5), tok, 256)
+    law = ParametricMemoryLaw.fit_points(synthetic_points(0.0))
+    family = default_family(model.config.num_hidden_layers)
+    plan = plan_update(
+        model, facts, tok.pad_token_id, ModelIdentity("t", "d"), family, 0.999, max_rank=4, law=law
+    )
+    assert plan.rank == 4 and "using the largest rank" in plan.law
+    assert plan.predicted_fact_recall < 0.999
+    easy = plan_update(
+        model, facts, tok.pad_token_id, ModelIdentity("t", "d"), family, 1e-9, max_rank=4, law=law
+    )
+    assert easy.rank == 1 and easy.law == "given"
