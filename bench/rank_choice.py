@@ -26,6 +26,11 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--law", required=True)
     p.add_argument("--max-rank", type=int, default=16)
+    p.add_argument(
+        "--cases",
+        default=",".join(f"{ell}:{t}" for ell, t in CASES),
+        help="ℓ:target fact recall pairs, comma-separated",
+    )
     args = p.parse_args()
     _, load, _ = setup(args)
     law = ParametricMemoryLaw.load(args.law)
@@ -49,7 +54,8 @@ def main() -> None:
     rows = []
     print(f"law: alpha={law.alpha:.3f} beta={law.beta:.3f} budget={steps} steps; ladder {ladder}")
     print(f"{'ℓ':>5} {'target':>6} {'chosen':>6} {'oracle':>6} {'achieved':>8} {'bits/param':>10}")
-    for case, (ell, target) in enumerate(CASES):
+    cases = [(int(c.split(":")[0]), float(c.split(":")[1])) for c in args.cases.split(",")]
+    for case, (ell, target) in enumerate(cases):
         facts = phonebook_source(encode, FRESH_SEED + case, ell)
         loss_before = measure_recall(model, facts, tok.pad_token_id).mean_loss_nats
         try:
