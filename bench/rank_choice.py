@@ -13,7 +13,7 @@ from common import parser, setup
 from memupdate.adapter import RANK_LADDER, AdapterFamily, params_per_rank
 from memupdate.calibration import phonebook_source
 from memupdate.encoding import encode_facts, model_context_length
-from memupdate.law import LawError, ParametricMemoryLaw
+from memupdate.law import ParametricMemoryLaw, UnreachableTarget
 from memupdate.memft import TrainSettings, train_adapter
 from memupdate.phonebook import DIGIT_BITS
 from memupdate.recall import measure_recall
@@ -60,8 +60,9 @@ def main() -> None:
         loss_before = measure_recall(model, facts, tok.pad_token_id).mean_loss_nats
         try:
             chosen = law.choose_rank(ell, target, loss_before, max_rank=args.max_rank).rank
-        except LawError:
-            chosen = None
+        except UnreachableTarget:
+            chosen = ladder[-1]  # what the planner does: the largest rank, flagged
+            print(f"  (law: no rank reaches {target} at ℓ={ell}; planner takes rank {chosen})")
         results: dict[int, float] = {}
         oracle = None
         for rank in ladder:  # sweep up until the target is reached
