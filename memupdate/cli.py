@@ -39,9 +39,11 @@ class Base:
         self.model, self.tokenizer = load_model(self.folder)
         self.pad_id = self.tokenizer.pad_token_id
 
-    def encode(self, path: str, max_facts: int):
-        facts = load_facts(path, max_facts=max_facts)
+    def encode_facts(self, facts):
         return encode_facts(facts, self.tokenizer, model_context_length(self.model))
+
+    def encode(self, path: str, max_facts: int):
+        return self.encode_facts(load_facts(path, max_facts=max_facts))
 
     def family(self, args) -> AdapterFamily:
         family = default_family(self.model.config.num_hidden_layers)
@@ -260,11 +262,7 @@ def cmd_calibrate(args) -> int:
         seeds=_ints(args.seeds),
         steps=args.steps,
     )
-    context = model_context_length(base.model)
-
-    def encode(facts):
-        return encode_facts(facts, base.tokenizer, context)
-
+    encode = base.encode_facts
     out = Path(args.out)
     bar = tqdm(
         total=len(list(grid.runs())), desc="calibration runs", unit="run", disable=args.quiet
@@ -360,7 +358,7 @@ def cmd_publish(args) -> int:
 
     base = Base(args.model)
     facts = load_facts(args.facts, max_facts=args.max_facts)
-    encoded = encode_facts(facts, base.tokenizer, model_context_length(base.model))
+    encoded = base.encode_facts(facts)
     registry = _registry(args)
     report_file = Path(args.adapter) / "report.json"
     report = json.loads(report_file.read_text()) if report_file.exists() else {}
@@ -397,7 +395,7 @@ def cmd_serve_check(args) -> int:
     if live is None:
         raise FactError(f"knowledge base {args.kb!r} has no live version")
     base = Base(args.model)
-    encoded = encode_facts(live.facts(), base.tokenizer, model_context_length(base.model))
+    encoded = base.encode_facts(live.facts())
     with _backend(args, base.folder) as backend:
         backend.ensure_up(registry)
         print(f"{args.kb} v{live.version}: {len(encoded)} facts, serving recall through vLLM:")

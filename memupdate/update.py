@@ -60,6 +60,10 @@ class Runtime:
     max_facts: int = 100_000
     progress_interval_s: float = 1.0
     seconds_per_target_token: float = 0.0  # from the last training, for time estimates
+
+    def encode(self, facts: list[Fact]) -> list[EncodedFact]:
+        return encode_facts(facts, self.tokenizer, model_context_length(self.model))
+
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -90,7 +94,7 @@ def prepare(rt: Runtime, request: UpdateRequest) -> tuple[list[Fact], list[Encod
     old = live.facts() if live else []
     merged, replaced = merge_facts(old, request.facts)
     check_fact_count(merged, rt.max_facts)
-    encoded = encode_facts(merged, rt.tokenizer, model_context_length(rt.model))
+    encoded = rt.encode(merged)
     return merged, encoded, len(replaced)
 
 

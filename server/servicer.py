@@ -7,7 +7,6 @@ import time
 import grpc
 
 from memupdate import jobs as J
-from memupdate.encoding import encode_facts, model_context_length
 from memupdate.facts import FactError
 from memupdate.law import LawError
 from memupdate.registry import RegistryError
@@ -294,7 +293,7 @@ class Servicer(pb_grpc.KnowledgeUpdateServicer):
                 else live.facts()
             )
             tok = self.plan_rt.tokenizer
-            encoded = encode_facts(facts, tok, model_context_length(self.plan_rt.model))
+            encoded = self.plan_rt.encode(facts)
             results = [
                 serving_recall(c, request.knowledge_base, encoded, tok)
                 for c in self.rt.backend.replicas()
