@@ -49,10 +49,12 @@ class RecallReport:
     min_prob_fact: str  # source of the fact holding it
     mean_loss_nats: float  # mean cross-entropy per target token
     failing: list[str] = field(default_factory=list)  # sources of facts not fully recalled
+    failing_min_probs: list[float] = field(default_factory=list)  # their lowest token p
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["failing"] = self.failing[:50]
+        data["failing_min_probs"] = self.failing_min_probs[:50]
         return data
 
 
@@ -123,7 +125,9 @@ def summarize(facts: list[EncodedFact], probs: list[torch.Tensor]) -> RecallRepo
     flat = torch.cat(probs)
     fact_min = torch.stack([p.min() for p in probs])
     worst = int(fact_min.argmin())
-    failing = [f.source for f, m in zip(facts, fact_min, strict=True) if m <= PASS_PROBABILITY]
+    failing = [
+        (f.source, float(m)) for f, m in zip(facts, fact_min, strict=True) if m <= PASS_PROBABILITY
+    ]
     return RecallReport(
         facts=len(facts),
         target_tokens=int(flat.numel()),
@@ -132,7 +136,8 @@ def summarize(facts: list[EncodedFact], probs: list[torch.Tensor]) -> RecallRepo
         min_prob=float(fact_min[worst]),
         min_prob_fact=facts[worst].source,
         mean_loss_nats=float(-flat.clamp_min(1e-30).log().mean()),
-        failing=failing,
+        failing=[source for source, _ in failing],
+        failing_min_probs=[p for _, p in failing],
     )
 
 

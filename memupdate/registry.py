@@ -1,7 +1,8 @@
 """The adapter registry: knowledge bases with numbered, immutable adapter versions.
 
 Layout under the registry root:  <kb>/v<N>/  (a peft adapter folder plus metadata.json), and
-`registry.db` (SQLite, WAL) holding the versions and which one is live. A version folder is
+`registry.db` (SQLite, WAL) holding the versions, which one is live, and the recall probes of
+live versions (the last PROBES_KEPT per knowledge base). A version folder is
 copied under a temporary name and renamed into place before its row is written, so a crash
 never leaves a half version that is listed; a folder without a row is garbage, swept by
 `sweep()`. Names are validated against a safe pattern: nothing can escape the root.
@@ -21,6 +22,7 @@ from pathlib import Path
 from memupdate.facts import Fact, load_facts, write_facts
 
 FACTS_FILE = "facts.jsonl"
+PROBES_KEPT = 1000
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -39,6 +41,13 @@ CREATE TABLE IF NOT EXISTS live (
     version INTEGER NOT NULL,
     since REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS probes (
+    kb TEXT NOT NULL,
+    at REAL NOT NULL,
+    ok INTEGER NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS probes_by_kb ON probes (kb, ok, at);
 """
 
 
@@ -162,8 +171,30 @@ class Registry:
             db.execute("BEGIN IMMEDIATE")
             db.execute("DELETE FROM live WHERE kb=?", (kb,))
             db.execute("DELETE FROM versions WHERE kb=?", (kb,))
+            db.execute("DELETE FROM probes WHERE kb=?", (kb,))
             db.execute("COMMIT")
         shutil.rmtree(self.root / kb, ignore_errors=True)
+
+    def record_probe(self, kb: str, ok: bool, data: dict) -> None:
+        """Append a recall probe (`ok`: serving answered); older ones beyond PROBES_KEPT go."""
+        with closing(self._connect()) as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(
+                "INSERT INTO probes VALUES (?,?,?,?)", (kb, time.time(), int(ok), json.dumps(data))
+            )
+            db.execute(
+                "DELETE FROM probes WHERE kb=? AND rowid NOT IN "
+                "(SELECT rowid FROM probes WHERE kb=? ORDER BY at DESC LIMIT ?)",
+                (kb, kb, PROBES_KEPT),
+            )
+            db.execute("COMMIT")
+
+    def last_probe(self, kb: str, only_ok: bool = False) -> tuple[float, dict] | None:
+        """(time, data) of the newest probe, or of the newest one that reached serving."""
+        sql = "SELECT at, data FROM probes WHERE kb=?" + (" AND ok=1" if only_ok else "")
+        with closing(self._connect()) as db:
+            row = db.execute(sql + " ORDER BY at DESC LIMIT 1", (kb,)).fetchone()
+        return (row[0], json.loads(row[1])) if row else None
 
     def sweep(self) -> list[Path]:
         """Remove folders no row points at (left by a crash mid-publish)."""

@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 
 from memupdate.encoding import EncodedFact
+from memupdate.monitor import probe_record
 from memupdate.registry import Registry, Version
 from memupdate.vllm_client import ServingError, ServingRecall, VLLMClient, serving_recall
 from memupdate.vllm_server import ManagedVLLM
@@ -155,8 +156,6 @@ def verify_and_go_live(
                 pass  # the replica may be gone; the staging name dies with it
     worst = min(r.recall.fact_recall for r in results.values())
     greedy_ok = all(r.greedy_exact == r.greedy_checked for r in results.values())
-    summary = {url: r.to_dict() for url, r in results.items()}
-    registry.record_serving(version.kb, version.version, summary)
     if worst < target_fact_recall or not greedy_ok:
         reason = (
             f"serving fact recall {worst:.3f} below the target {target_fact_recall}"
@@ -166,7 +165,16 @@ def verify_and_go_live(
         return GoLiveResult(version, False, results, f"not made live: {reason}")
     for client in backend.replicas():
         client.load_adapter(version.kb, str(version.path))
+    # Only a version that passed keeps its serving record: rollback targets need one.
+    summary = {url: r.to_dict() for url, r in results.items()}
+    registry.record_serving(version.kb, version.version, summary)
     registry.set_live(version.kb, version.version)
+    # The go-live check is the version's first recall probe: the metrics start from it.
+    worst_result = min(results.values(), key=lambda r: r.recall.fact_recall)
+    live_version = registry.version(version.kb, version.version)  # with its serving record
+    registry.record_probe(
+        version.kb, True, probe_record(live_version, worst_result, "go-live", max_drop=1.0)
+    )
     return GoLiveResult(
         version,
         True,

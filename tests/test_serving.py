@@ -105,6 +105,7 @@ def test_publish_verify_update_rollback(stack, adapters, tiny_dir):
     weak = registry.publish("kb", path, {})
     refused = verify_and_go_live(registry, backend, weak, encoded, tok, 1.0)
     assert not refused.live and "below the target" in refused.reason
+    assert registry.version("kb", weak.version).serving is None  # never a rollback target
     assert registry.live("kb").version == 2
     expect(url, [CHANGED, *NEW])
 
