@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Model cache (the converted default model, laws): inside the checkout, ignored by git.
 export MEMUPDATE_HOME ?= $(CURDIR)/.memupdate-home
 
-.PHONY: setup test demo bench lint format clean proto
+.PHONY: setup prometheus test demo bench lint format clean proto
 
 setup: $(VENV)/.setup-done
 
@@ -21,7 +21,14 @@ $(VENV)/.setup-done: pyproject.toml
 	$(VENV)/bin/memupdate model prepare
 	touch $@
 
-test: setup
+# promtool and prometheus (Debian's package) for the alert-rule tests; as root or through sudo.
+prometheus:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus; }
+
+test: setup prometheus
 	$(PY) -m pytest -q -rs
 
 # The service on the embedded default: post examples/new_facts.jsonl over gRPC, follow it to

@@ -4,6 +4,7 @@
     memupdate-client status JOB_ID | KB
     memupdate-client jobs [--kb KB] [--state live]
     memupdate-client kbs | plan KB facts.jsonl | eval KB [facts.jsonl] | rollback KB | cancel JOB
+    memupdate-client probe KB | republish KB
 Server address: --server or MEMUPDATE_SERVER (default 127.0.0.1:50051); token: --token or
 MEMUPDATE_TOKEN; TLS: --ca-cert FILE.
 """
@@ -11,6 +12,7 @@ MEMUPDATE_TOKEN; TLS: --ca-cert FILE.
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -47,6 +49,32 @@ def _print_job(job: pb.Job) -> None:
         )
     if job.HasField("serving_recall"):
         print(f"  serving: {_recall(job.serving_recall)}")
+
+
+def _print_probe(probe: pb.RecallProbe) -> None:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(probe.unix_seconds))
+    head = f"  last probe ({probe.source}, v{probe.version}, {when}):"
+    if not probe.reached_serving:
+        print(f"{head} FAILED, vLLM not measured: {probe.reason}")
+        return
+    print(f"{head} {_recall(probe.recall)}")
+    if probe.regressed:
+        print(f"  REGRESSION: {probe.reason}")
+        for f in probe.flipped:
+            print(f"    {f.fact}: lowest p {f.min_probability:.3f}  {f.prompt!r}")
+
+
+def _print_kb(kb: pb.KnowledgeBase) -> None:
+    print(f"{kb.name}: live version {kb.live_version or '-'}, {kb.facts} facts")
+    if kb.live_version:
+        print(
+            f"  target fact recall {kb.target_fact_recall:.3f}, "
+            f"verified at go-live {kb.verified_fact_recall:.3f}"
+        )
+    if kb.HasField("last_probe"):
+        _print_probe(kb.last_probe)
+    for v in kb.versions:
+        print(f"  v{v.version} rank {v.rank} {'verified' if v.verified else ''}")
 
 
 def _watch(client: MemupdateClient, job_id: str) -> pb.Job:
@@ -124,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("facts", nargs="?")
     r = sub.add_parser("rollback")
     r.add_argument("kb")
+    for name in ("probe", "republish"):
+        sub.add_parser(name).add_argument("kb")
     c = sub.add_parser("cancel")
     c.add_argument("job_id")
     w = sub.add_parser("watch")
@@ -176,10 +206,14 @@ def _run(client: MemupdateClient, args) -> int:
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.NOT_FOUND:
                 raise
-            kb = client.describe(args.what)
-            print(f"{kb.name}: live version {kb.live_version or '-'}, {kb.facts} facts")
-            for v in kb.versions:
-                print(f"  v{v.version} rank {v.rank} {'verified' if v.verified else ''}")
+            _print_kb(client.describe(args.what))
+        return 0
+    if args.command == "probe":
+        probe = client.probe(args.kb)
+        _print_probe(probe)
+        return 3 if probe.regressed or not probe.reached_serving else 0
+    if args.command == "republish":
+        _print_kb(client.republish(args.kb))
         return 0
     if args.command == "jobs":
         state = getattr(pb, args.state.upper()) if args.state else 0

@@ -190,6 +190,18 @@ class MemupdateClient:
             self.stub.Rollback, pb.RollbackRequest(knowledge_base=knowledge_base), retry=False
         )
 
+    def probe(self, knowledge_base: str) -> pb.RecallProbe:
+        """Measure the live version's recall through vLLM now."""
+        return self._call(
+            self.stub.ProbeRecall, pb.ProbeRecallRequest(knowledge_base=knowledge_base)
+        )
+
+    def republish(self, knowledge_base: str) -> pb.KnowledgeBase:
+        """Load the live version on every replica again, after checking its recall there."""
+        return self._call(
+            self.stub.Republish, pb.RepublishRequest(knowledge_base=knowledge_base), retry=False
+        )
+
     def delete(self, knowledge_base: str) -> None:
         self._call(
             self.stub.DeleteKnowledgeBase,

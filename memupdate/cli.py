@@ -447,6 +447,7 @@ def cmd_serve(args) -> int:
         metrics_port=args.metrics_port,
         vllm_urls=args.vllm_url,
         max_lora_rank=args.max_lora_rank,
+        probe_interval_s=args.probe_interval,
     )
     serve(config)
     return 0
@@ -582,6 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--metrics-port", type=int)
     srv.add_argument("--vllm-url", action="append", help="external vLLM replica (repeatable)")
     srv.add_argument("--max-lora-rank", type=int)
+    srv.add_argument(
+        "--probe-interval", type=float, help="seconds between recall probes (0 = on demand only)"
+    )
     srv.set_defaults(func=cmd_serve)
 
     kbs = sub.add_parser("kbs", help="list knowledge bases and their versions")

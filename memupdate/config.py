@@ -31,6 +31,12 @@ class ServiceConfig(BaseSettings):
     max_message_bytes: int = 64 * 1024 * 1024
     default_max_steps: int = 2000
     workers: int = 1  # trainings at a time (each worker holds its own copy of the model)
+    # Recall monitor: seconds between probe rounds (0 = on demand only), facts per probe (the
+    # cost bound), of those decoded greedily, and the drop below go-live recall that regresses.
+    probe_interval_s: float = Field(default=300.0, ge=0)
+    probe_max_facts: int = Field(default=64, ge=1)
+    probe_greedy_facts: int = Field(default=8, ge=0)
+    recall_max_drop: float = Field(default=0.05, ge=0, le=1)
 
     @field_validator("auth_tokens")
     @classmethod

@@ -16,6 +16,8 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+from memupdate.metrics import JOB_TRANSITIONS
+
 QUEUED, RUNNING, LIVE, FAILED, CANCELLED = "QUEUED", "RUNNING", "LIVE", "FAILED", "CANCELLED"
 ENDED = (LIVE, FAILED, CANCELLED)
 
@@ -133,6 +135,7 @@ class JobStore:
                 db.execute("ROLLBACK")
                 raise
         self.add_event(job_id, "queued", {})
+        JOB_TRANSITIONS.labels(QUEUED).inc()
         return self.get(job_id), True
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -167,7 +170,10 @@ class JobStore:
                     (RUNNING, time.time(), row[0]),
                 )
             db.execute("COMMIT")
-        return self.get(row[0]) if row else None
+        if row is None:
+            return None
+        JOB_TRANSITIONS.labels(RUNNING).inc()
+        return self.get(row[0])
 
     def update(self, job_id: str, **fields) -> None:
         if "result" in fields:
@@ -191,6 +197,7 @@ class JobStore:
     def finish(self, job_id: str, state: str, message: str) -> None:
         self.update(job_id, state=state, message=message, phase="")
         self.add_event(job_id, state.lower(), {"message": message})
+        JOB_TRANSITIONS.labels(state).inc()
 
     def recover_interrupted(self) -> list[str]:
         """Jobs RUNNING when the process died go back to the queue (retried from the start)."""
@@ -203,7 +210,12 @@ class JobStore:
                 message="interrupted by a server restart; retried from the start",
             )
             self.add_event(job_id, "queued", {"message": "retried after a server restart"})
+            JOB_TRANSITIONS.labels(QUEUED).inc()
         return [r[0] for r in rows]
+
+    def count_by_state(self) -> dict[str, int]:
+        rows = self._query("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+        return {state: dict(rows).get(state, 0) for state in (QUEUED, RUNNING, *ENDED)}
 
     # --- events -------------------------------------------------------------------------
     def add_event(self, job_id: str, kind: str, data: dict) -> None:

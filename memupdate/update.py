@@ -19,6 +19,7 @@ from memupdate.encoding import EncodedFact, encode_facts, model_context_length
 from memupdate.facts import Fact, FactError, check_fact_count
 from memupdate.law import LawPoint
 from memupdate.memft import DEFAULT_MARGIN, Progress, TrainSettings, train_adapter
+from memupdate.metrics import LAW_RECALL_ERROR, PHASE_SECONDS, TRAINING_STEPS, TRAINING_TOKENS
 from memupdate.planning import PlanReport, plan_update, record_training
 from memupdate.registry import Registry
 from memupdate.serving import ServingBackend, verify_and_go_live
@@ -138,6 +139,7 @@ def run_update(
         note = f"{replaced} fact(s) replaced by new targets" if replaced else ""
         emit("planned", {"plan": report.to_dict(), "replaced": replaced, "message": note})
         plan_s = time.monotonic() - started
+        PHASE_SECONDS.labels("plan").observe(plan_s)
 
         settings = TrainSettings(
             rank=report.rank,
@@ -165,6 +167,11 @@ def run_update(
             finally:
                 rt.model = peft_model.unload()  # the base model, untouched, for the next job
             train_s = time.monotonic() - started - plan_s
+            PHASE_SECONDS.labels("train").observe(train_s)
+            TRAINING_STEPS.inc(result.steps)
+            TRAINING_TOKENS.inc(result.tokens_processed)
+            if report.predicted_fact_recall is not None:
+                LAW_RECALL_ERROR.observe(report.predicted_fact_recall - result.recall.fact_recall)
             rt.seconds_per_target_token = result.seconds / max(1, result.sequence_length)
             emit(
                 "trained",
@@ -203,12 +210,15 @@ def run_update(
                 {
                     "base_model": rt.identity.to_dict(),
                     "plan": report.to_dict(),
+                    "target_fact_recall": request.target_fact_recall,
+                    "facts": len(merged),
                     "steps": result.steps,
                     "training_recall": result.recall.to_dict(),
                 },
                 merged,
             )
             publish_s = time.monotonic() - t0
+            PHASE_SECONDS.labels("publish").observe(publish_s)
             emit("published", {"version": version.version})
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -218,6 +228,7 @@ def run_update(
         rt.registry, rt.backend, version, encoded, rt.tokenizer, request.target_fact_recall
     )
     verify_s = time.monotonic() - t0
+    PHASE_SECONDS.labels("verify").observe(verify_s)
     worst = min(live.per_replica.values(), key=lambda r: r.recall.fact_recall)
     emit("serving_verified", {"recall": worst.to_dict(), "version": version.version})
     if not live.live:

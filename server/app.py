@@ -1,5 +1,5 @@
 """Start-up: the job store, the runtimes, the serving backend, the worker and the gRPC server
-(with health checking and reflection), plus the metrics endpoint."""
+(with health checking and reflection), the recall monitor, and the metrics endpoint."""
 
 import logging
 import signal
@@ -10,11 +10,14 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from memupdate.adapter import default_family
 from memupdate.base_model import load_model, model_identity, resolve_model_dir
 from memupdate.config import ServiceConfig
 from memupdate.jobs import JobStore
+from memupdate.metrics import REPLICA_UP, register_collectors, unregister_collectors
+from memupdate.monitor import MonitorSettings, RecallMonitor
 from memupdate.registry import Registry
 from memupdate.serving import ExternalBackend, ManagedBackend, ServingBackend, restore_live
 from memupdate.update import Runtime
@@ -34,13 +37,19 @@ class Service:
     grpc_server: grpc.Server
     grpc_port: int
     worker: Worker
+    monitor: RecallMonitor
     backend: ServingBackend
     health: health.HealthServicer
+    metrics_server: object
+    collectors: list
 
     def stop(self) -> None:
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace=5).wait()
         self.worker.stop()
+        self.monitor.stop()
+        self.metrics_server.shutdown()
+        unregister_collectors(self.collectors)
         if isinstance(self.backend, ManagedBackend):
             self.backend.close()
 
@@ -94,6 +103,20 @@ def start(config: ServiceConfig) -> Service:
     backend = build_backend(config, folder, registry)
     worker_rt, plan_rt = runtime(backend), runtime(backend)
     worker = Worker(store, worker_rt)
+    monitor = RecallMonitor(
+        registry,
+        backend,
+        plan_rt.encode,
+        plan_rt.tokenizer,
+        MonitorSettings(
+            config.probe_interval_s,
+            config.probe_max_facts,
+            config.probe_greedy_facts,
+            config.recall_max_drop,
+        ),
+    )
+    for client in backend.replicas():
+        REPLICA_UP.labels(client.url).set(float(client.healthy()))
 
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -104,7 +127,7 @@ def start(config: ServiceConfig) -> Service:
         futures.ThreadPoolExecutor(max_workers=32), options=options, interceptors=interceptors
     )
     memupdate_pb2_grpc.add_KnowledgeUpdateServicer_to_server(
-        Servicer(store, worker_rt, plan_rt, config), server
+        Servicer(store, worker_rt, plan_rt, monitor, config), server
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -119,19 +142,22 @@ def start(config: ServiceConfig) -> Service:
         port = server.add_secure_port(address, creds)
     else:
         port = server.add_insecure_port(address)
+    collectors = register_collectors(registry, store)
+    metrics_server, _ = start_http_server(config.metrics_port, addr=config.grpc_host)
     server.start()
     worker.start()
+    if config.probe_interval_s > 0:
+        monitor.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Service(config, server, port, worker, backend, health_servicer)
+    return Service(
+        config, server, port, worker, monitor, backend, health_servicer, metrics_server, collectors
+    )
 
 
 def serve(config: ServiceConfig) -> None:
     """Run until SIGINT or SIGTERM; print where everything listens."""
-    from prometheus_client import start_http_server
-
     service = start(config)
-    metrics_server, _ = start_http_server(config.metrics_port, addr=config.grpc_host)
     vllm = ", ".join(c.url for c in service.backend.replicas())
     tls = " (TLS)" if config.tls_cert else ""
     print(f"memupdate gRPC on {config.grpc_host}:{service.grpc_port}{tls}", flush=True)
@@ -143,5 +169,4 @@ def serve(config: ServiceConfig) -> None:
     signal.signal(signal.SIGINT, lambda *_: done.set())
     done.wait()
     print("stopping", flush=True)
-    metrics_server.shutdown()
     service.stop()

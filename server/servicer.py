@@ -9,8 +9,10 @@ import grpc
 from memupdate import jobs as J
 from memupdate.facts import FactError
 from memupdate.law import LawError
+from memupdate.metrics import forget_knowledge_base, worst_fact_recall
+from memupdate.monitor import RecallMonitor
 from memupdate.registry import RegistryError
-from memupdate.serving import rollback
+from memupdate.serving import rollback, verify_and_go_live
 from memupdate.update import Runtime, UpdateRequest, plan, prepare
 from memupdate.v1 import memupdate_pb2 as pb
 from memupdate.v1 import memupdate_pb2_grpc as pb_grpc
@@ -85,6 +87,20 @@ def job_pb(job: J.JobRecord) -> pb.Job:
     )
 
 
+def probe_pb(at: float, data: dict) -> pb.RecallProbe:
+    ok = "recall" in data
+    return pb.RecallProbe(
+        version=data["version"],
+        unix_seconds=at,
+        reached_serving=ok,
+        recall=recall_pb(data) if ok else None,
+        regressed=data.get("regressed", False),
+        reason=data.get("reason") or data.get("error", ""),
+        flipped=[pb.FlippedFact(**f) for f in data.get("flipped", [])],
+        source=data.get("source", ""),
+    )
+
+
 def event_pb(event: J.Event) -> pb.JobEvent:
     d = event.data
     progress = d.get("progress")
@@ -112,10 +128,18 @@ def event_pb(event: J.Event) -> pb.JobEvent:
 
 
 class Servicer(pb_grpc.KnowledgeUpdateServicer):
-    def __init__(self, store: J.JobStore, runtime: Runtime, plan_runtime: Runtime, config):
+    def __init__(
+        self,
+        store: J.JobStore,
+        runtime: Runtime,
+        plan_runtime: Runtime,
+        monitor: RecallMonitor,
+        config,
+    ):
         self.store = store
         self.rt = runtime
         self.plan_rt = plan_runtime  # its own model copy: planning never waits for training
+        self.monitor = monitor
         self.config = config
 
     # --- helpers ------------------------------------------------------------------------
@@ -148,13 +172,25 @@ class Servicer(pb_grpc.KnowledgeUpdateServicer):
         except RegistryError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"knowledge_base: {err}")
 
+    def _live_or_412(self, name: str, context):
+        live = self.rt.registry.live(name)
+        if live is None:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"knowledge base {name!r} has no live version"
+            )
+        return live
+
     def _kb_pb(self, name: str) -> pb.KnowledgeBase:
         live = self.rt.registry.live(name)
         versions = self.rt.registry.versions(name)
+        last = self.rt.registry.last_probe(name) if live else None
         return pb.KnowledgeBase(
             name=name,
             live_version=live.version if live else 0,
             facts=len(live.facts()) if live else 0,
+            target_fact_recall=live.metadata.get("target_fact_recall", 1.0) if live else 0.0,
+            verified_fact_recall=worst_fact_recall(live.serving) if live and live.serving else 0.0,
+            last_probe=probe_pb(*last) if last else None,
             versions=[
                 pb.Version(
                     version=v.version,
@@ -280,12 +316,7 @@ class Servicer(pb_grpc.KnowledgeUpdateServicer):
 
     def EvaluateRecall(self, request, context):
         self._kb_or_404(request.knowledge_base, context)
-        live = self.rt.registry.live(request.knowledge_base)
-        if live is None:
-            context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"knowledge base {request.knowledge_base!r} has no live version",
-            )
+        live = self._live_or_412(request.knowledge_base, context)
         try:
             facts = (
                 facts_from_proto(request.facts, self.config.max_facts_per_update)
@@ -311,6 +342,33 @@ class Servicer(pb_grpc.KnowledgeUpdateServicer):
             if isinstance(err, RegistryError):
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
             self._abort_for(context, err)
+        self.monitor.probe(request.knowledge_base, "rollback")  # the metrics follow at once
+        return self._kb_pb(request.knowledge_base)
+
+    def ProbeRecall(self, request, context):
+        self._kb_or_404(request.knowledge_base, context)
+        self._live_or_412(request.knowledge_base, context)
+        self.monitor.probe(request.knowledge_base, "on-demand")
+        return probe_pb(*self.rt.registry.last_probe(request.knowledge_base))
+
+    def Republish(self, request, context):
+        self._kb_or_404(request.knowledge_base, context)
+        live = self._live_or_412(request.knowledge_base, context)
+        target = live.metadata.get("target_fact_recall", 1.0)
+        try:
+            result = verify_and_go_live(
+                self.rt.registry,
+                self.rt.backend,
+                live,
+                self.plan_rt.encode(live.facts()),
+                self.plan_rt.tokenizer,
+                target,
+            )
+        except ServingError as err:
+            self._abort_for(context, err)
+        if not result.live:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, result.reason)
+        log.info("republished %s v%d: %s", live.kb, live.version, result.reason)
         return self._kb_pb(request.knowledge_base)
 
     def DeleteKnowledgeBase(self, request, context):
@@ -321,5 +379,6 @@ class Servicer(pb_grpc.KnowledgeUpdateServicer):
             except ServingError:
                 pass  # not loaded there
         self.rt.registry.delete(request.knowledge_base)
+        forget_knowledge_base(request.knowledge_base)
         log.info("deleted knowledge base %s at %s", request.knowledge_base, time.time())
         return pb.DeleteKnowledgeBaseResponse()

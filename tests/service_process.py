@@ -20,6 +20,7 @@ def free_port() -> int:
 class ServiceProcess:
     def __init__(self, data_dir: Path, model: Path, *extra: str, env: dict | None = None):
         self.port = free_port()
+        self.metrics_port = free_port()
         self.args = [
             sys.executable,
             "-m",
@@ -32,7 +33,7 @@ class ServiceProcess:
             "--grpc-port",
             str(self.port),
             "--metrics-port",
-            str(free_port()),
+            str(self.metrics_port),
             "--max-lora-rank",
             "8",
             *extra,

@@ -211,16 +211,52 @@ class RecallReport(_message.Message):
     def __init__(self, facts: _Optional[int] = ..., target_tokens: _Optional[int] = ..., token_recall: _Optional[float] = ..., fact_recall: _Optional[float] = ..., min_probability: _Optional[float] = ..., min_probability_fact: _Optional[str] = ..., greedy_checked: _Optional[int] = ..., greedy_exact: _Optional[int] = ...) -> None: ...
 
 class KnowledgeBase(_message.Message):
-    __slots__ = ("name", "live_version", "versions", "facts")
+    __slots__ = ("name", "live_version", "versions", "facts", "target_fact_recall", "verified_fact_recall", "last_probe")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     FACTS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FACT_RECALL_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FACT_RECALL_FIELD_NUMBER: _ClassVar[int]
+    LAST_PROBE_FIELD_NUMBER: _ClassVar[int]
     name: str
     live_version: int
     versions: _containers.RepeatedCompositeFieldContainer[Version]
     facts: int
-    def __init__(self, name: _Optional[str] = ..., live_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[Version, _Mapping]]] = ..., facts: _Optional[int] = ...) -> None: ...
+    target_fact_recall: float
+    verified_fact_recall: float
+    last_probe: RecallProbe
+    def __init__(self, name: _Optional[str] = ..., live_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[Version, _Mapping]]] = ..., facts: _Optional[int] = ..., target_fact_recall: _Optional[float] = ..., verified_fact_recall: _Optional[float] = ..., last_probe: _Optional[_Union[RecallProbe, _Mapping]] = ...) -> None: ...
+
+class RecallProbe(_message.Message):
+    __slots__ = ("version", "unix_seconds", "reached_serving", "recall", "regressed", "reason", "flipped", "source")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    UNIX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REACHED_SERVING_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FIELD_NUMBER: _ClassVar[int]
+    REGRESSED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FLIPPED_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    unix_seconds: float
+    reached_serving: bool
+    recall: RecallReport
+    regressed: bool
+    reason: str
+    flipped: _containers.RepeatedCompositeFieldContainer[FlippedFact]
+    source: str
+    def __init__(self, version: _Optional[int] = ..., unix_seconds: _Optional[float] = ..., reached_serving: _Optional[bool] = ..., recall: _Optional[_Union[RecallReport, _Mapping]] = ..., regressed: _Optional[bool] = ..., reason: _Optional[str] = ..., flipped: _Optional[_Iterable[_Union[FlippedFact, _Mapping]]] = ..., source: _Optional[str] = ...) -> None: ...
+
+class FlippedFact(_message.Message):
+    __slots__ = ("fact", "prompt", "min_probability")
+    FACT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MIN_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    fact: str
+    prompt: str
+    min_probability: float
+    def __init__(self, fact: _Optional[str] = ..., prompt: _Optional[str] = ..., min_probability: _Optional[float] = ...) -> None: ...
 
 class Version(_message.Message):
     __slots__ = ("version", "rank", "sha256", "verified", "created_unix_seconds")
@@ -261,6 +297,18 @@ class EvaluateRecallRequest(_message.Message):
     def __init__(self, knowledge_base: _Optional[str] = ..., facts: _Optional[_Iterable[_Union[Fact, _Mapping]]] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
+    __slots__ = ("knowledge_base",)
+    KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
+    knowledge_base: str
+    def __init__(self, knowledge_base: _Optional[str] = ...) -> None: ...
+
+class ProbeRecallRequest(_message.Message):
+    __slots__ = ("knowledge_base",)
+    KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
+    knowledge_base: str
+    def __init__(self, knowledge_base: _Optional[str] = ...) -> None: ...
+
+class RepublishRequest(_message.Message):
     __slots__ = ("knowledge_base",)
     KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
     knowledge_base: str

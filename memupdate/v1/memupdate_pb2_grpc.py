@@ -84,6 +84,16 @@ class KnowledgeUpdateStub:
                 request_serializer=memupdate_dot_v1_dot_memupdate__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=memupdate_dot_v1_dot_memupdate__pb2.KnowledgeBase.FromString,
                 _registered_method=True)
+        self.ProbeRecall = channel.unary_unary(
+                '/memupdate.v1.KnowledgeUpdate/ProbeRecall',
+                request_serializer=memupdate_dot_v1_dot_memupdate__pb2.ProbeRecallRequest.SerializeToString,
+                response_deserializer=memupdate_dot_v1_dot_memupdate__pb2.RecallProbe.FromString,
+                _registered_method=True)
+        self.Republish = channel.unary_unary(
+                '/memupdate.v1.KnowledgeUpdate/Republish',
+                request_serializer=memupdate_dot_v1_dot_memupdate__pb2.RepublishRequest.SerializeToString,
+                response_deserializer=memupdate_dot_v1_dot_memupdate__pb2.KnowledgeBase.FromString,
+                _registered_method=True)
         self.DeleteKnowledgeBase = channel.unary_unary(
                 '/memupdate.v1.KnowledgeUpdate/DeleteKnowledgeBase',
                 request_serializer=memupdate_dot_v1_dot_memupdate__pb2.DeleteKnowledgeBaseRequest.SerializeToString,
@@ -158,6 +168,21 @@ class KnowledgeUpdateServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProbeRecall(self, request, context):
+        """Probe the live version's recall through vLLM now (the monitor also does it on a schedule).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Republish(self, request, context):
+        """Load the live version on every replica again, after checking its recall there under a
+        staging name: the repair when a replica serves something else under the name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteKnowledgeBase(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -215,6 +240,16 @@ def add_KnowledgeUpdateServicer_to_server(servicer, server):
             'Rollback': grpc.unary_unary_rpc_method_handler(
                     servicer.Rollback,
                     request_deserializer=memupdate_dot_v1_dot_memupdate__pb2.RollbackRequest.FromString,
+                    response_serializer=memupdate_dot_v1_dot_memupdate__pb2.KnowledgeBase.SerializeToString,
+            ),
+            'ProbeRecall': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProbeRecall,
+                    request_deserializer=memupdate_dot_v1_dot_memupdate__pb2.ProbeRecallRequest.FromString,
+                    response_serializer=memupdate_dot_v1_dot_memupdate__pb2.RecallProbe.SerializeToString,
+            ),
+            'Republish': grpc.unary_unary_rpc_method_handler(
+                    servicer.Republish,
+                    request_deserializer=memupdate_dot_v1_dot_memupdate__pb2.RepublishRequest.FromString,
                     response_serializer=memupdate_dot_v1_dot_memupdate__pb2.KnowledgeBase.SerializeToString,
             ),
             'DeleteKnowledgeBase': grpc.unary_unary_rpc_method_handler(
@@ -492,6 +527,60 @@ class KnowledgeUpdate:
             target,
             '/memupdate.v1.KnowledgeUpdate/Rollback',
             memupdate_dot_v1_dot_memupdate__pb2.RollbackRequest.SerializeToString,
+            memupdate_dot_v1_dot_memupdate__pb2.KnowledgeBase.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProbeRecall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memupdate.v1.KnowledgeUpdate/ProbeRecall',
+            memupdate_dot_v1_dot_memupdate__pb2.ProbeRecallRequest.SerializeToString,
+            memupdate_dot_v1_dot_memupdate__pb2.RecallProbe.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Republish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memupdate.v1.KnowledgeUpdate/Republish',
+            memupdate_dot_v1_dot_memupdate__pb2.RepublishRequest.SerializeToString,
             memupdate_dot_v1_dot_memupdate__pb2.KnowledgeBase.FromString,
             options,
             channel_credentials,

@@ -1,0 +1,172 @@
+"""The recall monitor: re-measures serving recall of every live knowledge base through vLLM.
+
+On a schedule (and on demand), each live knowledge base is probed on a sample of its facts:
+teacher-forced target probabilities through vLLM's `prompt_logprobs`, plus a greedy check on a
+few of them. The sample rotates through the facts, so over successive probes every fact is
+checked while each probe's cost stays bounded. A probe that cannot reach vLLM is recorded as a
+probe failure (and the replica as down), never as a recall of zero. A probe whose fact recall is
+below the version's target, or below the recall verified at go-live by more than `max_drop`, is
+a regression, recorded with its evidence: which facts flipped and their lowest probabilities.
+Probes are kept in the registry, so metrics and `memupdate-client status KB` read them.
+"""
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from memupdate.facts import Fact
+from memupdate.metrics import PROBE_FAILURES, PROBE_RUNS, REPLICA_UP, worst_fact_recall
+from memupdate.registry import Registry, Version
+from memupdate.vllm_client import ServingError, ServingRecall, serving_recall
+
+log = logging.getLogger("memupdate.monitor")
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    interval_s: float = 300.0  # between scheduled rounds; 0 = no schedule (on demand only)
+    max_facts: int = 64  # facts per probe (teacher-forced): the cost bound
+    greedy_facts: int = 8  # of those, decoded greedily
+    max_drop: float = 0.05  # fact recall below the verified value by more than this regresses
+
+
+def probe_record(
+    version: Version,
+    result: ServingRecall,
+    source: str,
+    max_drop: float,
+    prompts: dict[str, str] | None = None,
+) -> dict:
+    """What a successful probe stores: the recall, and whether (and why) it regressed."""
+    rec = result.recall
+    target = version.metadata.get("target_fact_recall", 1.0)
+    verified = worst_fact_recall(version.serving) if version.serving else None
+    reasons = []
+    if rec.fact_recall < target:
+        reasons.append(f"fact recall {rec.fact_recall:.3f} below the target {target:.3f}")
+    if verified is not None and rec.fact_recall < verified - max_drop:
+        reasons.append(f"fact recall {rec.fact_recall:.3f} dropped from {verified:.3f} at go-live")
+    if result.greedy_exact < result.greedy_checked:
+        reasons.append(
+            f"greedy output differs from the target for {', '.join(result.greedy_mismatches[:5])}"
+        )
+    prompts = prompts or {}
+    flipped = [
+        {"fact": fact, "prompt": prompts.get(fact, "")[:200], "min_probability": p}
+        for fact, p in zip(rec.failing, rec.failing_min_probs, strict=True)
+    ][:20]
+    return {
+        "version": version.version,
+        "source": source,
+        **result.to_dict(),
+        "regressed": bool(reasons),
+        "reason": "; ".join(reasons),
+        "flipped": flipped,
+    }
+
+
+class RecallMonitor(threading.Thread):
+    def __init__(
+        self,
+        registry: Registry,
+        backend,  # a serving.ServingBackend
+        encode: Callable,
+        tokenizer,
+        settings: MonitorSettings,
+    ):
+        super().__init__(name="recall-monitor", daemon=True)
+        self.registry = registry
+        self.backend = backend
+        self.encode = encode
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self._rounds: dict[str, int] = {}  # probes per knowledge base: where the sample starts
+        self._lock = threading.Lock()  # one probe at a time (vLLM serves one sequence anyway)
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.check_replicas()
+            self.probe_all()
+            self._stop.wait(self.settings.interval_s)
+
+    def check_replicas(self) -> bool:
+        """Update the replica-up gauges; True if every replica answers."""
+        up = True
+        for client in self.backend.replicas():
+            healthy = client.healthy()
+            REPLICA_UP.labels(client.url).set(float(healthy))
+            up = up and healthy
+        return up
+
+    def probe_all(self) -> list[dict]:
+        results = []
+        for kb in self.registry.knowledge_bases():
+            if self._stop.is_set():
+                break
+            try:
+                result = self.probe(kb, "scheduled")
+            except Exception:  # a bug in one probe must not stop the monitor
+                log.exception("probe of %s crashed", kb)
+                continue
+            if result is not None:
+                results.append(result)
+        return results
+
+    def sample(self, kb: str, facts: list[Fact]) -> list[Fact]:
+        """The next window of at most max_facts facts, rotating through all of them."""
+        n, size = len(facts), min(len(facts), self.settings.max_facts)
+        start = (self._rounds.get(kb, 0) * size) % max(1, n)
+        self._rounds[kb] = self._rounds.get(kb, 0) + 1
+        return [facts[(start + i) % n] for i in range(size)]
+
+    def probe(self, kb: str, source: str = "on-demand") -> dict | None:
+        """Probe one knowledge base's live version; the stored record, or None if none is live."""
+        with self._lock:
+            live = self.registry.live(kb)
+            if live is None:
+                return None
+            facts = self.sample(kb, live.facts())
+            encoded = self.encode(facts)
+            PROBE_RUNS.labels(kb).inc()
+            results = []
+            try:
+                for client in self.backend.replicas():
+                    try:
+                        results.append(
+                            serving_recall(
+                                client, kb, encoded, self.tokenizer, self.settings.greedy_facts
+                            )
+                        )
+                    except ServingError:
+                        REPLICA_UP.labels(client.url).set(0.0)
+                        raise
+            except ServingError as err:
+                PROBE_FAILURES.labels(kb).inc()
+                data = {"version": live.version, "source": source, "error": str(err)}
+                self.registry.record_probe(kb, False, data)
+                log.warning("probe of %s failed: %s", kb, err)
+                return data
+            worst = min(results, key=lambda r: (r.recall.fact_recall, r.recall.token_recall))
+            prompts = {f.source: f.prompt or f.text or "" for f in facts}
+            data = probe_record(live, worst, source, self.settings.max_drop, prompts)
+            self.registry.record_probe(kb, True, data)
+            if data["regressed"]:
+                log.warning("recall regression in %s: %s", kb, data["reason"])
+            return data
+
+
+def wait_for_probe(registry: Registry, kb: str, after: float, timeout_s: float) -> dict | None:
+    """The first probe of `kb` recorded after `after` (for tests and the CLI)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        last = registry.last_probe(kb)
+        if last is not None and last[0] > after:
+            return last[1]
+        time.sleep(0.2)
+    return None
