@@ -29,7 +29,13 @@ class ServiceConfig(BaseSettings):
     max_queued_jobs: int = 100
     max_facts_per_update: int = 100_000
     max_message_bytes: int = 64 * 1024 * 1024
+    # Open WatchJob streams (each holds a server thread) and RPCs in flight; beyond either the
+    # call is refused with RESOURCE_EXHAUSTED, so watchers never starve status calls.
+    max_watch_streams: int = Field(default=32, ge=1)
+    max_concurrent_rpcs: int = Field(default=256, ge=1)
     default_max_steps: int = 2000
+    # How long a job waits for unreachable vLLM replicas (retrying with backoff) before failing.
+    serving_wait_s: float = Field(default=300.0, ge=0)
     workers: int = 1  # trainings at a time (each worker holds its own copy of the model)
     # Recall monitor: seconds between probe rounds (0 = on demand only), facts per probe (the
     # cost bound), of those decoded greedily, and the drop below go-live recall that regresses.

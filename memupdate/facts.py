@@ -11,6 +11,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError, model_validator
 
 DEFAULT_MAX_FACTS = 100_000
+# C0 controls and DEL, except tab and newlines: never meant as text to remember (NUL also
+# breaks C-string consumers downstream).
+CONTROL_CHARACTERS = frozenset(chr(c) for c in [*range(0x20), 0x7F]) - {"\t", "\n", "\r"}
 
 
 class FactError(ValueError):
@@ -27,6 +30,11 @@ class Fact(BaseModel):
 
     @model_validator(mode="after")
     def _one_form(self) -> "Fact":
+        for name in ("prompt", "target", "text"):
+            bad = CONTROL_CHARACTERS.intersection(getattr(self, name) or "")
+            if bad:
+                codes = ", ".join(f"U+{ord(c):04X}" for c in sorted(bad))
+                raise ValueError(f"`{name}` contains control characters ({codes})")
         if self.text is not None:
             if self.prompt is not None or self.target is not None:
                 raise ValueError("give either `text` or `prompt` + `target`, not both")

@@ -22,7 +22,8 @@ from memupdate.memft import DEFAULT_MARGIN, Progress, TrainSettings, train_adapt
 from memupdate.metrics import LAW_RECALL_ERROR, PHASE_SECONDS, TRAINING_STEPS, TRAINING_TOKENS
 from memupdate.planning import PlanReport, plan_update, record_training
 from memupdate.registry import Registry
-from memupdate.serving import ServingBackend, verify_and_go_live
+from memupdate.serving import GoLiveResult, ServingBackend, verify_and_go_live
+from memupdate.vllm_client import ServingError
 
 Emit = Callable[[str, dict], None]
 
@@ -60,6 +61,7 @@ class Runtime:
     default_max_steps: int = 2000
     max_facts: int = 100_000
     progress_interval_s: float = 1.0
+    serving_wait_s: float = 300.0  # how long to retry unreachable replicas before failing
     seconds_per_target_token: float = 0.0  # from the last training, for time estimates
 
     def encode(self, facts: list[Fact]) -> list[EncodedFact]:
@@ -125,6 +127,38 @@ def plan(rt: Runtime, request: UpdateRequest) -> tuple[PlanReport, int]:
     _, encoded, replaced = prepare(rt, request)
     with rt.lock:
         return _plan_encoded(rt, encoded, request), replaced
+
+
+def go_live_with_retries(
+    rt: Runtime, version, encoded, request: UpdateRequest, emit: Emit, cancelled
+) -> GoLiveResult:
+    """The serving check, retried with exponential backoff (1 s doubling to 30 s) while vLLM
+    cannot be reached, for up to rt.serving_wait_s; then the job fails saying why. The version
+    stays published but not live, so the previous live version keeps serving meanwhile."""
+    deadline = time.monotonic() + rt.serving_wait_s
+    delay, attempt = 1.0, 0
+    while True:
+        attempt += 1
+        try:
+            return verify_and_go_live(
+                rt.registry, rt.backend, version, encoded, rt.tokenizer, request.target_fact_recall
+            )
+        except ServingError as err:
+            if time.monotonic() + delay > deadline:
+                raise ServingError(
+                    f"vLLM not reachable for {rt.serving_wait_s:.0f} s ({attempt} attempts); "
+                    f"version {version.version} was published but not made live; last error: {err}"
+                ) from None
+            emit(
+                "waiting_for_serving",
+                {"message": f"attempt {attempt}: {err}; retry in {delay:.0f} s"},
+            )
+            deadline_wait = time.monotonic() + delay
+            while time.monotonic() < deadline_wait:
+                if cancelled():
+                    raise Cancelled() from None
+                time.sleep(0.2)
+            delay = min(delay * 2, 30.0)
 
 
 def run_update(
@@ -224,9 +258,7 @@ def run_update(
             shutil.rmtree(work, ignore_errors=True)
 
     t0 = time.monotonic()
-    live = verify_and_go_live(
-        rt.registry, rt.backend, version, encoded, rt.tokenizer, request.target_fact_recall
-    )
+    live = go_live_with_retries(rt, version, encoded, request, emit, cancelled)
     verify_s = time.monotonic() - t0
     PHASE_SECONDS.labels("verify").observe(verify_s)
     worst = min(live.per_replica.values(), key=lambda r: r.recall.fact_recall)

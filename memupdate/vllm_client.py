@@ -36,13 +36,13 @@ class VLLMClient:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
 
-    def _request(self, method: str, path: str, body: dict | None = None):
+    def _request(self, method: str, path: str, body: dict | None = None, timeout_s=None):
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(
             self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
         )
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
                 raw = resp.read().decode()
         except urllib.error.HTTPError as err:
             detail = err.read().decode()[:500]
@@ -54,9 +54,10 @@ class VLLMClient:
         except json.JSONDecodeError:
             return raw
 
-    def healthy(self) -> bool:
+    def healthy(self, timeout_s: float = 5.0) -> bool:
+        """Whether the server answers its health check (a hung server counts as down)."""
         try:
-            self._request("GET", "/health")
+            self._request("GET", "/health", timeout_s=timeout_s)
             return True
         except ServingError:
             return False

@@ -98,6 +98,7 @@ def start(config: ServiceConfig) -> Service:
             backend,
             default_max_steps=config.default_max_steps,
             max_facts=config.max_facts_per_update,
+            serving_wait_s=config.serving_wait_s,
         )
 
     backend = build_backend(config, folder, registry)
@@ -124,7 +125,10 @@ def start(config: ServiceConfig) -> Service:
     ]
     interceptors = [AuthInterceptor(config.auth_tokens)] if config.auth_tokens else []
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=32), options=options, interceptors=interceptors
+        futures.ThreadPoolExecutor(max_workers=config.max_watch_streams + 32),
+        options=options,
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     memupdate_pb2_grpc.add_KnowledgeUpdateServicer_to_server(
         Servicer(store, worker_rt, plan_rt, monitor, config), server

@@ -2,6 +2,7 @@
 the worker thread does it, so status calls, watches and health stay fast."""
 
 import logging
+import threading
 import time
 
 import grpc
@@ -141,6 +142,7 @@ class Servicer(pb_grpc.KnowledgeUpdateServicer):
         self.plan_rt = plan_runtime  # its own model copy: planning never waits for training
         self.monitor = monitor
         self.config = config
+        self.watch_slots = threading.BoundedSemaphore(config.max_watch_streams)
 
     # --- helpers ------------------------------------------------------------------------
     def _abort_for(self, context, err: Exception):
@@ -295,15 +297,24 @@ class Servicer(pb_grpc.KnowledgeUpdateServicer):
 
     def WatchJob(self, request, context):
         self._job_or_404(request.job_id, context)
-        seq = 0
-        while context.is_active():
-            for event in self.store.events(request.job_id, seq):
-                seq = event.seq
-                yield event_pb(event)
-            job = self.store.get(request.job_id)
-            if job.state in J.ENDED and not self.store.events(request.job_id, seq):
-                return
-            self.store.wait_for_change(1.0)
+        if not self.watch_slots.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.config.max_watch_streams} watch streams are open; poll GetJob or retry "
+                "later",
+            )
+        try:
+            seq = 0
+            while context.is_active():
+                for event in self.store.events(request.job_id, seq):
+                    seq = event.seq
+                    yield event_pb(event)
+                job = self.store.get(request.job_id)
+                if job.state in J.ENDED and not self.store.events(request.job_id, seq):
+                    return
+                self.store.wait_for_change(1.0)
+        finally:
+            self.watch_slots.release()
 
     def ListKnowledgeBases(self, request, context):
         return pb.ListKnowledgeBasesResponse(

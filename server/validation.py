@@ -27,8 +27,6 @@ def facts_from_proto(facts, max_facts: int) -> list[Fact]:
     out = []
     for i, f in enumerate(facts):
         obj = {"text": f.text} if f.text else {"prompt": f.prompt, "target": f.target}
-        if any("\x00" in v for v in obj.values()):
-            raise InvalidRequest(f"facts[{i}]: contains a NUL character")
         try:
             out.append(parse_fact(obj, f"facts[{i}]"))
         except FactError as err:

@@ -14,6 +14,7 @@ from memupdate.phonebook import phonebook_facts
 from memupdate.v1 import memupdate_pb2 as pb
 
 NOWHERE = f"http://127.0.0.1:{free_port()}"  # no vLLM there: jobs fail at the serving check
+NO_WAIT = {"MEMUPDATE_SERVING_WAIT_S": "2"}  # ... after retrying for 2 s instead of 300
 
 
 def facts(n=3, seed=1):
@@ -22,7 +23,9 @@ def facts(n=3, seed=1):
 
 @pytest.fixture(scope="module")
 def service(tiny_dir, tmp_path_factory):
-    proc = ServiceProcess(tmp_path_factory.mktemp("svc") / "data", tiny_dir, "--vllm-url", NOWHERE)
+    proc = ServiceProcess(
+        tmp_path_factory.mktemp("svc") / "data", tiny_dir, "--vllm-url", NOWHERE, env=NO_WAIT
+    )
     proc.start()
     yield proc
     proc.stop()
@@ -44,7 +47,8 @@ def code_of(call):
         ({"facts": []}, "facts: List should have at least 1 item"),
         ({"facts": [pb.Fact(prompt="p", target="")]}, "facts[0]: `target` is empty"),
         ({"facts": [pb.Fact(prompt="", target="t")]}, "facts[0]:"),
-        ({"facts": [pb.Fact(prompt="p\x00", target="t")]}, "facts[0]: contains a NUL"),
+        ({"facts": [pb.Fact(prompt="p\x00", target="t")]}, "facts[0]: `prompt` contains control"),
+        ({"facts": [pb.Fact(prompt="p", target="\x1b[31m 5")]}, "(U+001B)"),
         (
             {"facts": [pb.Fact(prompt="A is", target=" 1"), pb.Fact(prompt="A is", target=" 2")]},
             "facts[1]: contradicts facts[0]",
@@ -107,7 +111,9 @@ def test_failed_serving_check_is_reported_and_nothing_goes_live(service):
         final = client.job(job.job_id)
     assert kinds[:3] == ["queued", "planned", "training"] and kinds[-1] == "failed"
     assert "trained" in kinds and "published" in kinds
-    assert final.state == pb.FAILED and "replicas not answering" in final.message
+    assert "waiting_for_serving" in kinds  # retried with backoff before giving up
+    assert final.state == pb.FAILED and "vLLM not reachable for 2 s" in final.message
+    assert "replicas not answering" in final.message
     with service.client() as client:
         assert client.describe("nolive").live_version == 0
 
@@ -127,7 +133,11 @@ def test_health_and_reflection_answer(service):
 
 def test_queue_limit_is_resource_exhausted(tiny_dir, tmp_path):
     proc = ServiceProcess(
-        tmp_path / "data", tiny_dir, "--vllm-url", NOWHERE, env={"MEMUPDATE_MAX_QUEUED_JOBS": "2"}
+        tmp_path / "data",
+        tiny_dir,
+        "--vllm-url",
+        NOWHERE,
+        env={**NO_WAIT, "MEMUPDATE_MAX_QUEUED_JOBS": "2"},
     )
     proc.start()
     try:
@@ -151,7 +161,7 @@ def test_auth_tokens_and_roles(tiny_dir, tmp_path):
         tiny_dir,
         "--vllm-url",
         NOWHERE,
-        env={"MEMUPDATE_AUTH_TOKENS": '{"w-secret": "writer", "r-secret": "reader"}'},
+        env={**NO_WAIT, "MEMUPDATE_AUTH_TOKENS": '{"w-secret": "writer", "r-secret": "reader"}'},
     )
     proc.start()
     try:
@@ -177,7 +187,7 @@ def test_auth_tokens_and_roles(tiny_dir, tmp_path):
 
 def test_restart_mid_queue_loses_no_job(tiny_dir, tmp_path):
     data = tmp_path / "data"
-    proc = ServiceProcess(data, tiny_dir, "--vllm-url", NOWHERE)
+    proc = ServiceProcess(data, tiny_dir, "--vllm-url", NOWHERE, env=NO_WAIT)
     proc.start()
     with proc.client() as client:
         ids = [client.submit("crash", facts(60, seed=i), max_steps=200).job_id for i in range(3)]
@@ -187,7 +197,7 @@ def test_restart_mid_queue_loses_no_job(tiny_dir, tmp_path):
         assert client.job(ids[0]).state == pb.RUNNING
     proc.kill()  # SIGKILL while the first job trains and two wait
 
-    again = ServiceProcess(data, tiny_dir, "--vllm-url", NOWHERE)
+    again = ServiceProcess(data, tiny_dir, "--vllm-url", NOWHERE, env=NO_WAIT)
     again.start()
     try:
         with again.client() as client:
