@@ -79,3 +79,58 @@ def params_per_rank(model, family: AdapterFamily) -> int:
                 continue
         total += module.in_features + module.out_features
     return total
+
+
+class AdapterMismatch(ValueError):
+    """A folder handed in as an adapter is not a peft LoRA adapter for this base model."""
+
+
+def _shapes(path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
+
+
+def check_adapter_for_model(adapter_dir, model_dir) -> int:
+    """Refuse anything but a peft LoRA adapter whose every matrix fits the base model's module
+    it adapts (read from the safetensors headers; nothing is loaded). Returns the rank."""
+    import json
+    from pathlib import Path
+
+    adapter_dir, model_dir = Path(adapter_dir), Path(model_dir)
+    config_file = adapter_dir / "adapter_config.json"
+    weights = adapter_dir / "adapter_model.safetensors"
+    for required in (config_file, weights):
+        if not required.is_file():
+            raise AdapterMismatch(f"{adapter_dir}: not a peft adapter folder (no {required.name})")
+    try:
+        config = json.loads(config_file.read_text())
+        rank = config["r"]
+        peft_type = config.get("peft_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise AdapterMismatch(f"{config_file}: not a peft adapter config ({err})") from None
+    if peft_type != "LORA" or not isinstance(rank, int) or rank < 1:
+        raise AdapterMismatch(f"{config_file}: expected a LoRA adapter with r >= 1")
+    try:
+        lora = _shapes(weights)
+        base: dict[str, tuple[int, ...]] = {}
+        for shard in sorted(model_dir.glob("*.safetensors")):
+            base.update(_shapes(shard))
+    except Exception as err:  # safetensors raises its own error types for a bad header
+        raise AdapterMismatch(f"cannot read {weights}: {err}") from None
+    matrices = [k for k in lora if ".lora_A." in k or ".lora_B." in k]
+    if not matrices:
+        raise AdapterMismatch(f"{weights} holds no LoRA matrices")
+    for key in matrices:
+        module = key.removeprefix("base_model.model.").split(".lora_")[0]
+        if f"{module}.weight" not in base:
+            raise AdapterMismatch(f"{adapter_dir}: adapts {module}, which this base model lacks")
+        out_features, in_features = base[f"{module}.weight"]
+        expected = (rank, in_features) if ".lora_A." in key else (out_features, rank)
+        if lora[key] != expected:
+            raise AdapterMismatch(
+                f"{adapter_dir}: {key} has shape {lora[key]}, but this base model needs "
+                f"{expected} at rank {rank}: the adapter was made for another model"
+            )
+    return rank

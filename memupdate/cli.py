@@ -10,7 +10,12 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from memupdate.adapter import AdapterFamily, default_family, params_per_rank
+from memupdate.adapter import (
+    AdapterFamily,
+    check_adapter_for_model,
+    default_family,
+    params_per_rank,
+)
 from memupdate.base_model import (
     ModelError,
     load_model,
@@ -362,10 +367,9 @@ def cmd_publish(args) -> int:
     registry = _registry(args)
     report_file = Path(args.adapter) / "report.json"
     report = json.loads(report_file.read_text()) if report_file.exists() else {}
+    rank = check_adapter_for_model(args.adapter, base.folder)  # before starting any server
     with _backend(args, base.folder) as backend:
-        backend.check_rank(
-            json.loads((Path(args.adapter) / "adapter_config.json").read_text())["r"]
-        )
+        backend.check_rank(rank)
         version = registry.publish(
             args.kb,
             Path(args.adapter),

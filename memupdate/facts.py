@@ -81,15 +81,23 @@ def load_facts(path: str | Path, max_facts: int = DEFAULT_MAX_FACTS) -> list[Fac
         raise FactError(f"{path}: no such file")
     facts: list[Fact] = []
     errors: list[str] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            source = f"{path.name}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                errors.append(f"{source}: not UTF-8 text (bad byte at column {err.start + 1})")
+                continue
             if not line.strip():
                 continue
-            source = f"{path.name}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 errors.append(f"{source}: invalid JSON ({err.msg} at column {err.colno})")
+                continue
+            except RecursionError:
+                errors.append(f"{source}: invalid JSON (nested too deeply)")
                 continue
             try:
                 facts.append(parse_fact(obj, source))

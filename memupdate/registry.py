@@ -112,7 +112,10 @@ class Registry:
         for required in ("adapter_config.json", "adapter_model.safetensors"):
             if not (adapter_dir / required).is_file():
                 raise RegistryError(f"{adapter_dir} is not a peft adapter folder (no {required})")
-        rank = int(json.loads((adapter_dir / "adapter_config.json").read_text())["r"])
+        try:
+            rank = int(json.loads((adapter_dir / "adapter_config.json").read_text())["r"])
+        except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+            raise RegistryError(f"{adapter_dir}: unreadable adapter_config.json ({err})") from None
         kb_dir = self.root / kb
         kb_dir.mkdir(exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=kb_dir, prefix=".incoming-"))

@@ -26,7 +26,9 @@ def facts_from_proto(facts, max_facts: int) -> list[Fact]:
         raise InvalidRequest(f"facts: {len(facts)} facts exceed the limit of {max_facts}")
     out = []
     for i, f in enumerate(facts):
-        obj = {"text": f.text} if f.text else {"prompt": f.prompt, "target": f.target}
+        # proto3 cannot tell an unset string from an empty one: the fields given are the
+        # non-empty ones, so `text` with `prompt` or `target` is refused, not half ignored.
+        obj = {k: getattr(f, k) for k in ("prompt", "target", "text") if getattr(f, k)}
         try:
             out.append(parse_fact(obj, f"facts[{i}]"))
         except FactError as err:
