@@ -26,6 +26,7 @@ from memupdate.base_model import (
 from memupdate.encoding import encode_facts, model_context_length
 from memupdate.facts import DEFAULT_MAX_FACTS, FactError, load_facts, write_facts
 from memupdate.home import home
+from memupdate.jobs import JobStoreError
 from memupdate.law import LawError, LawPoint
 from memupdate.memft import DEFAULT_MARGIN, MODES, Progress, TrainSettings, train_adapter
 from memupdate.phonebook import phonebook_facts
@@ -602,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FactError, LawError, ModelError, ServingError, ValueError) as err:
+    except (FactError, LawError, ModelError, ServingError, JobStoreError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -16,6 +16,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+from memupdate.database import check_database, connect
 from memupdate.metrics import JOB_TRANSITIONS
 
 QUEUED, RUNNING, LIVE, FAILED, CANCELLED = "QUEUED", "RUNNING", "LIVE", "FAILED", "CANCELLED"
@@ -82,21 +83,10 @@ class JobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.changed = threading.Condition()  # notified on every new event
-        try:
-            with closing(self._connect()) as db:
-                db.executescript(SCHEMA)
-                db.execute("PRAGMA quick_check").fetchone()
-        except sqlite3.DatabaseError as err:
-            raise JobStoreError(
-                f"cannot use the job database {self.path}: {err}. If it is corrupted, move it "
-                f"aside and restore from a backup; nothing was changed"
-            ) from None
+        check_database(self.path, SCHEMA, "job database", JobStoreError)
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        return db
+        return connect(self.path, timeout_s=10)
 
     def _query(self, sql: str, args=()) -> list[tuple]:
         with closing(self._connect()) as db:

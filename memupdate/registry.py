@@ -10,6 +10,7 @@ never leaves a half version that is listed; a folder without a row is garbage, s
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import sqlite3
@@ -19,6 +20,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+from memupdate.database import check_database, connect
 from memupdate.facts import Fact, load_facts, write_facts
 
 FACTS_FILE = "facts.jsonl"
@@ -79,6 +81,26 @@ def validate_name(name: str) -> str:
     return name
 
 
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fault_point(name: str) -> None:
+    """Fault injection for the crash tests: MEMUPDATE_FAULT_PAUSE=publish:SECONDS pauses here,
+    widening a window that is otherwise milliseconds so that a test can SIGKILL inside it."""
+    where, _, seconds = os.environ.get("MEMUPDATE_FAULT_PAUSE", "").partition(":")
+    if where == name:
+        time.sleep(float(seconds))
+
+
 def weights_sha256(folder: Path) -> str:
     digest = hashlib.sha256()
     with open(folder / "adapter_model.safetensors", "rb") as fh:
@@ -92,14 +114,10 @@ class Registry:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "registry.db"
-        with closing(self._connect()) as db, db:
-            db.executescript(SCHEMA)
+        check_database(self.db_path, SCHEMA, "registry database", RegistryError)
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        return db
+        return connect(self.db_path, timeout_s=30)
 
     # --- writing -----------------------------------------------------------------------
     def publish(
@@ -116,16 +134,32 @@ class Registry:
             rank = int(json.loads((adapter_dir / "adapter_config.json").read_text())["r"])
         except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
             raise RegistryError(f"{adapter_dir}: unreadable adapter_config.json ({err})") from None
-        kb_dir = self.root / kb
-        kb_dir.mkdir(exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=kb_dir, prefix=".incoming-"))
-        shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
-        if facts is not None:
-            write_facts(facts, tmp / FACTS_FILE)
-        sha = weights_sha256(tmp)
-        (tmp / "metadata.json").write_text(json.dumps({**metadata, "sha256": sha}, indent=2))
+        try:
+            kb_dir = self.root / kb
+            kb_dir.mkdir(exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=kb_dir, prefix=".incoming-"))
+        except OSError as err:
+            raise RegistryError(f"cannot publish {kb}: {err}; nothing was published") from None
+        try:
+            shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
+            if facts is not None:
+                write_facts(facts, tmp / FACTS_FILE)
+            sha = weights_sha256(tmp)
+            (tmp / "metadata.json").write_text(json.dumps({**metadata, "sha256": sha}, indent=2))
+            _fsync_tree(tmp)  # the files are on disk before any row points at them
+            _fault_point("publish")
+            number = self._commit_version(kb, kb_dir, tmp, rank, sha, metadata)
+        except (OSError, sqlite3.Error) as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RegistryError(f"cannot publish {kb}: {err}; nothing was published") from None
+        return self.version(kb, number)
+
+    def _commit_version(self, kb, kb_dir: Path, tmp: Path, rank, sha, metadata) -> int:
+        """Rename the staged folder into place and list it, atomically as far as readers see:
+        a folder without a row is never listed (and is swept at the next start)."""
         with closing(self._connect()) as db:
             db.execute("BEGIN IMMEDIATE")  # one publisher numbers versions at a time
+            final = None
             try:
                 row = db.execute("SELECT MAX(version) FROM versions WHERE kb=?", (kb,)).fetchone()
                 number = (row[0] or 0) + 1
@@ -139,9 +173,10 @@ class Registry:
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
-                shutil.rmtree(tmp, ignore_errors=True)
+                if final is not None and final.exists() and not tmp.exists():
+                    shutil.rmtree(final, ignore_errors=True)  # renamed, never listed
                 raise
-        return self.version(kb, number)
+        return number
 
     def record_serving(self, kb: str, version: int, serving: dict) -> None:
         with closing(self._connect()) as db:

@@ -1,6 +1,7 @@
 """The training worker: takes queued jobs one at a time, off the gRPC threads, and runs them."""
 
 import logging
+import sqlite3
 import threading
 
 from memupdate.facts import Fact, FactError
@@ -34,11 +35,17 @@ class Worker(threading.Thread):
 
     def run(self) -> None:
         while not self._stop.is_set():
-            job = self.store.claim_next()
-            if job is None:
-                self.store.wait_for_change(1.0)
-                continue
-            self.run_job(job)
+            try:
+                job = self.store.claim_next()
+                if job is None:
+                    self.store.wait_for_change(1.0)
+                    continue
+                self.run_job(job)
+            except sqlite3.Error:
+                # The job database cannot be written (disk full, read-only, locked): keep the
+                # worker alive and try again; a job left RUNNING is retried at the next start.
+                log.exception("job database error; retrying in 5 s")
+                self._stop.wait(5.0)
 
     def run_job(self, job: JobRecord) -> None:
         extra = {"job_id": job.id, "kb": job.kb}

@@ -26,9 +26,12 @@ def facts_from_proto(facts, max_facts: int) -> list[Fact]:
         raise InvalidRequest(f"facts: {len(facts)} facts exceed the limit of {max_facts}")
     out = []
     for i, f in enumerate(facts):
-        # proto3 cannot tell an unset string from an empty one: the fields given are the
-        # non-empty ones, so `text` with `prompt` or `target` is refused, not half ignored.
-        obj = {k: getattr(f, k) for k in ("prompt", "target", "text") if getattr(f, k)}
+        # proto3 cannot tell an unset string from an empty one: without `text` it is the
+        # prompt + target form; `text` beside a non-empty prompt or target is refused.
+        if f.text:
+            obj = {k: getattr(f, k) for k in ("prompt", "target", "text") if getattr(f, k)}
+        else:
+            obj = {"prompt": f.prompt, "target": f.target}
         try:
             out.append(parse_fact(obj, f"facts[{i}]"))
         except FactError as err:
