@@ -6,7 +6,7 @@ import hmac
 import grpc
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-WRITER_METHODS = {"SubmitUpdate", "CancelJob", "Rollback", "DeleteKnowledgeBase"}
+WRITER_METHODS = {"SubmitUpdate", "CancelJob", "Rollback", "Republish", "DeleteKnowledgeBase"}
 
 
 def role_of(tokens: dict[str, str], presented: str) -> str | None:

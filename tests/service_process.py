@@ -1,5 +1,6 @@
 """Run `memupdate serve` as a real child process on 127.0.0.1 for end-to-end tests."""
 
+import ipaddress
 import os
 import signal
 import socket
@@ -15,6 +16,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def listening_addresses(pid: int) -> set[tuple[str, int]]:
+    """(host, port) of every listening TCP socket of a process and all its descendants."""
+    import psutil
+
+    root = psutil.Process(pid)
+    found = set()
+    for proc in [root, *root.children(recursive=True)]:
+        for conn in proc.net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN:
+                found.add((conn.laddr.ip, conn.laddr.port))
+    return found
+
+
+def is_loopback(host: str) -> bool:
+    address = ipaddress.ip_address(host)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
 class ServiceProcess:

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 from prometheus_server import PrometheusServer
-from service_process import ServiceProcess
+from service_process import ServiceProcess, is_loopback, listening_addresses
 
 from clients.cli import main as cli_main
 from memupdate.phonebook import phonebook_facts
@@ -78,6 +78,11 @@ def test_metrics_endpoint_documents_the_job(stack):
     ):
         assert line in text, line
     assert f'memupdate_vllm_replica_up{{replica="{service.vllm_url}"}} 1.0' in text
+    # Everything the service started (gRPC, metrics, its vLLM) listens on loopback only.
+    addresses = listening_addresses(service.process.pid)
+    vllm_port = int(service.vllm_url.rsplit(":", 1)[1])
+    assert {p for _, p in addresses} >= {service.port, service.metrics_port, vllm_port}
+    assert all(is_loopback(host) for host, _ in addresses), addresses
     steps = next(x for x in text.splitlines() if x.startswith("memupdate_training_steps_total"))
     assert float(steps.split()[-1]) > 0
 

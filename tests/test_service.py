@@ -178,6 +178,8 @@ def test_auth_tokens_and_roles(tiny_dir, tmp_path):
             assert reader.knowledge_bases() == []
             code, details = code_of(lambda: reader.submit("kb", facts()))
             assert code == grpc.StatusCode.PERMISSION_DENIED and "read-only" in details
+            for write in (reader.republish, reader.rollback, reader.delete):
+                assert code_of(lambda w=write: w("kb"))[0] == grpc.StatusCode.PERMISSION_DENIED
         with proc.client(token="w-secret") as writer:
             assert writer.submit("kb", facts()).job_id
     finally:
