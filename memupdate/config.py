@@ -20,6 +20,9 @@ class ServiceConfig(BaseSettings):
     metrics_port: int = 9464
     # External vLLM replicas; empty = a managed local server.
     vllm_urls: list[str] = []
+    # The managed server's OpenAI API address (what applications call); port 0 = any free one.
+    vllm_host: str = "127.0.0.1"
+    vllm_port: int = Field(default=0, ge=0, le=65535)
     max_lora_rank: int = 64
     max_loras: int = 4
     # Bearer tokens: token -> role ("writer" or "reader"). Empty = no authentication.

@@ -43,6 +43,7 @@ def free_port() -> int:
 class ServerConfig:
     model: Path
     served_name: str = "base"
+    host: str = "127.0.0.1"  # where applications reach the OpenAI API; loopback unless told
     port: int = 0  # 0: pick a free port
     max_lora_rank: int = 64
     max_loras: int = 4
@@ -87,7 +88,7 @@ class ManagedVLLM:
             "--served-model-name",
             c.served_name,
             "--host",
-            "127.0.0.1",
+            c.host,
             "--port",
             str(self.port),
             "--dtype",

@@ -60,7 +60,11 @@ def build_backend(config: ServiceConfig, model_folder, registry: Registry) -> Se
     else:
         server = ManagedVLLM(
             ServerConfig(
-                model=model_folder, max_lora_rank=config.max_lora_rank, max_loras=config.max_loras
+                model=model_folder,
+                host=config.vllm_host,
+                port=config.vllm_port,
+                max_lora_rank=config.max_lora_rank,
+                max_loras=config.max_loras,
             ),
             log_path=config.data_dir / "vllm.log",
         )

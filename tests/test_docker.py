@@ -73,10 +73,12 @@ def test_entrypoint_and_cmd_bind_all_interfaces_only_there_and_health_checks_tha
     assert argv[0] == "memupdate"
     args = build_parser().parse_args(argv[1:])  # the real parser: every flag must exist
     assert args.func.__name__ == "cmd_serve"
-    assert args.grpc_host == "0.0.0.0"
-    assert ServiceConfig.model_fields["grpc_host"].default == "127.0.0.1"
-    assert not any("MEMUPDATE_GRPC_HOST" in v for k, v in steps if k in ("ENV", "ARG"))
-    assert {str(args.grpc_port), str(args.metrics_port)} <= set(final["EXPOSE"].split())
+    assert args.grpc_host == "0.0.0.0" and args.vllm_host == "0.0.0.0"
+    for host in ("grpc_host", "vllm_host"):
+        assert ServiceConfig.model_fields[host].default == "127.0.0.1"
+        assert not any(f"MEMUPDATE_{host.upper()}" in v for k, v in steps if k in ("ENV", "ARG"))
+    ports = {str(args.grpc_port), str(args.metrics_port), str(args.vllm_port)}
+    assert ports <= set(final["EXPOSE"].split())
 
     health_cmd = final["HEALTHCHECK"].split(" CMD ", 1)[1]
     probe = exec_form(health_cmd)

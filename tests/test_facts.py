@@ -8,8 +8,8 @@ from memupdate.phonebook import phonebook_facts
 
 
 def write(tmp_path, lines):
-    path = tmp_path / "facts.jsonl"
-    path.write_text("\n".join(lines) + "\n")
+    path = tmp_path / "facts.jsonl"  # surrogateescape: "\udcff" becomes the invalid byte 0xff
+    path.write_bytes(("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
     return path
 
 
@@ -39,6 +39,8 @@ def test_loads_prompt_target_and_text_facts(tmp_path):
             "facts.jsonl:2: target: Input should be a valid string",
         ),
         (json.dumps({"prompt": "p"}), "facts.jsonl:2: a fact needs `prompt` and `target`"),
+        (json.dumps({"prompt": "p", "target": "\x07 5"}), "`target` contains control characters"),
+        ("\udcff", "facts.jsonl:2: not UTF-8 text"),
         (json.dumps({"prompt": "p", "target": "t", "text": "x"}), "facts.jsonl:2: give either"),
         (
             json.dumps({"prompt": "p", "target": "t", "extra": 1}),
