@@ -34,3 +34,14 @@ def setup(args):
         phonebook_facts(args.facts, seed=args.seed), tok, model_context_length(model)
     )
     return folder, (lambda: load_model(folder)), facts
+
+
+def train(load, facts, rank: int, seed: int, max_steps: int, mode: str = "memft"):
+    """One training of a fresh base model with the default family; the TrainResult."""
+    from memupdate.adapter import default_family
+    from memupdate.memft import TrainSettings, train_adapter
+
+    model, tok = load()
+    family = default_family(model.config.num_hidden_layers)
+    settings = TrainSettings(rank=rank, mode=mode, seed=seed, family=family, max_steps=max_steps)
+    return train_adapter(model, facts, tok.pad_token_id, settings)[1]

@@ -6,10 +6,7 @@ ratios (timings on these shared machines are only comparable within one run).
     .venv/bin/python bench/memft_vs_uniform.py [--facts 40] [--rank 8]
 """
 
-from common import parser, setup
-
-from memupdate.adapter import default_family
-from memupdate.memft import TrainSettings, train_adapter
+from common import parser, setup, train
 
 
 def main() -> None:
@@ -17,15 +14,7 @@ def main() -> None:
     _, load, facts = setup(args)
     results = {}
     for mode in ("uniform", "memft"):
-        model, tok = load()
-        settings = TrainSettings(
-            rank=args.rank,
-            mode=mode,
-            seed=args.seed,
-            family=default_family(model.config.num_hidden_layers),
-            max_steps=args.max_steps,
-        )
-        _, res = train_adapter(model, facts, tok.pad_token_id, settings)
+        res = train(load, facts, args.rank, args.seed, args.max_steps, mode)
         results[mode] = res
         print(
             f"{mode:8s} success={res.success} steps={res.steps} tokens={res.tokens_processed} "

@@ -60,8 +60,8 @@ def main() -> None:
         loss_before = measure_recall(model, facts, tok.pad_token_id).mean_loss_nats
         try:
             chosen = law.choose_rank(ell, target, loss_before, max_rank=args.max_rank).rank
-        except UnreachableTarget:
-            chosen = ladder[-1]  # what the planner does: the largest rank, flagged
+        except UnreachableTarget:  # what the planner does (planning.plan_update)
+            chosen = law.best_effort_rank(ell, loss_before, max_rank=args.max_rank).rank
             print(f"  (law: no rank reaches {target} at ℓ={ell}; planner takes rank {chosen})")
         results: dict[int, float] = {}
         oracle = None

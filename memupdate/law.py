@@ -16,6 +16,7 @@ candidate rank, and pick the smallest rank whose predicted recall reaches the re
 """
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,9 @@ FORM = "dL = C * r**alpha * ell**(-beta) + b; recall = 1 / (1 + (L_after / L50)*
 # (training itself still runs until every token passes).
 PLANNING_RECALL_CAP = 0.999
 LOSS_FLOOR_NATS = 1e-4
+# Predicted loss reductions within this much of each other (in log ΔL) count as equal, unless
+# the law knows its own held-out error.
+FLAT_TOLERANCE = 0.05
 
 
 class LawError(ValueError):
@@ -129,6 +133,31 @@ class ParametricMemoryLaw:
             f"ℓ={sequence_length} (rank {top} predicts {predicted[top][1]:.3f}); split the "
             f"knowledge base, lower the target, or raise the serving limit"
         )
+
+    def flat_tolerance(self) -> float:
+        """Differences in log ΔL below the law's own held-out error are not evidence."""
+        return self.fit.get("holdout_mean_abs_log_dl") or FLAT_TOLERANCE
+
+    def best_effort_rank(
+        self,
+        sequence_length: int,
+        loss_before: float,
+        candidates=RANK_LADDER,
+        max_rank: int | None = None,
+    ) -> Plan:
+        """When no rank is predicted to reach the target: the smallest rank whose predicted
+        loss reduction is within the law's error (`flat_tolerance`, in log ΔL) of the best
+        rank's. Where the law is flat in rank (the training budget limits, not the adapter),
+        that is a small rank, which also learns fastest (LoRA's update scale is alpha / rank);
+        where rank matters, the largest."""
+        ranks = sorted(r for r in candidates if max_rank is None or r <= max_rank)
+        predicted = {r: self.predict(r, sequence_length, loss_before) for r in ranks}
+        reduction = {r: max(self.loss_reduction(r, sequence_length), 1e-9) for r in ranks}
+        best = max(reduction.values())
+        rank = next(r for r in ranks if math.log(best / reduction[r]) <= self.flat_tolerance())
+        after, recall = predicted[rank]
+        candidates_recall = {k: v[1] for k, v in predicted.items()}
+        return Plan(rank, sequence_length, recall, after, loss_before, candidates_recall)
 
     # --- fitting ----------------------------------------------------------------------
     @classmethod

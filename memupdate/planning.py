@@ -5,7 +5,8 @@ Laws are looked up by base-model identity and adapter family: first in $MEMUPDAT
 (refined by finished jobs), then among the laws shipped in the package. A model with no law gets
 a clear message and the conservative fallback: the largest rank on the ladder within the serving
 limit (MemFT still stops as soon as every token passes, so a too-large rank costs parameters,
-not correctness).
+not correctness). When the law says no rank reaches the target, the smallest rank predicted to
+do about as well as the best one is taken (see ParametricMemoryLaw.best_effort_rank).
 """
 
 import fcntl
@@ -124,9 +125,16 @@ def plan_update(
             return planned(largest, None, f"fallback to the largest rank: {err}")
     try:
         plan = law.choose_rank(ell, target_recall, loss_before, max_rank=max_rank)
-    except UnreachableTarget as err:
+    except UnreachableTarget:
         # The law's budget is shorter than a job's (MemFT trains until every token passes), so
-        # a pessimistic prediction is no reason to refuse: take the largest rank and say so.
-        predicted = law.predict(largest, ell, loss_before)[1]
-        return planned(largest, predicted, f"{source}; {err}: using the largest rank")
+        # a pessimistic prediction is no reason to refuse: take the smallest rank predicted to
+        # do about as well as any (FLAT_TOLERANCE), and say so.
+        best = law.best_effort_rank(ell, loss_before, max_rank=max_rank)
+        note = (
+            f"{source}; within the law's budget no rank up to {max_rank} is predicted to reach "
+            f"fact recall {target_recall} at ℓ={ell} (best {max(best.candidates.values()):.3f}); "
+            f"jobs train past that budget, so rank {best.rank}: the smallest whose predicted loss "
+            f"reduction is within the law's error ({law.flat_tolerance():.3f} in log) of the best"
+        )
+        return planned(best.rank, best.predicted_fact_recall, note, best.candidates)
     return planned(plan.rank, plan.predicted_fact_recall, source, plan.candidates)

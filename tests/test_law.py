@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from memupdate.law import LawError, LawPoint, ParametricMemoryLaw
+from memupdate.law import FLAT_TOLERANCE, LawError, LawPoint, ParametricMemoryLaw, UnreachableTarget
 
 TRUE = {"C": 10.0, "alpha": 0.45, "beta": 0.6, "b": 0.05}
 
@@ -117,7 +117,7 @@ def test_concurrent_refinements_lose_no_point(tmp_path, monkeypatch):
     assert len(law.history) == 20 and law.fit["n_points"] == len(start.points) + 20
 
 
-def test_plan_falls_back_to_the_largest_rank_when_no_rank_is_predicted_to_reach(tiny):
+def test_plan_takes_the_best_rank_when_no_rank_is_predicted_to_reach(tiny):
     from memupdate.adapter import default_family
     from memupdate.base_model import ModelIdentity
     from memupdate.encoding import encode_facts
@@ -131,9 +131,25 @@ def test_plan_falls_back_to_the_largest_rank_when_no_rank_is_predicted_to_reach(
     plan = plan_update(
         model, facts, tok.pad_token_id, ModelIdentity("t", "d"), family, 0.999, max_rank=4, law=law
     )
-    assert plan.rank == 4 and "using the largest rank" in plan.law
+    # Rank matters in this law, so the best effort is the largest rank allowed.
+    assert plan.rank == 4 and "so rank 4: the smallest" in plan.law
     assert plan.predicted_fact_recall < 0.999
+    ell = plan.sequence_length
+    assert law.loss_reduction(4, ell) > law.loss_reduction(2, ell) * math.exp(law.flat_tolerance())
     easy = plan_update(
         model, facts, tok.pad_token_id, ModelIdentity("t", "d"), family, 1e-9, max_rank=4, law=law
     )
     assert easy.rank == 1 and easy.law == "given"
+
+
+def test_a_law_flat_in_rank_falls_back_to_the_smallest_rank():
+    """Where the law says rank hardly matters (the budget limits), the best effort is rank 1:
+    no larger rank is predicted to reduce the loss by more than FLAT_TOLERANCE (log) more."""
+    flat = ParametricMemoryLaw(C=125.5, alpha=0.0002, beta=0.0076, b=-118.4, L50=0.376, k=6.72)
+    with pytest.raises(UnreachableTarget):
+        flat.choose_rank(330, 0.9, 2.5, max_rank=8)
+    plan = flat.best_effort_rank(330, 2.5, max_rank=8)
+    assert plan.rank == 1
+    assert flat.loss_reduction(8, 330) / flat.loss_reduction(1, 330) < math.exp(FLAT_TOLERANCE)
+    steep = ParametricMemoryLaw(C=2.0, alpha=0.5, beta=0.3, b=0.0, L50=0.4, k=3.0)
+    assert steep.best_effort_rank(4000, 3.0, max_rank=8).rank == 8
