@@ -1,7 +1,7 @@
 """Time to full recall against LoRA rank, in one run: the same facts trained with MemFT to 100%
-fact recall at each rank. This is what the planner's best-effort choice rests on: where the law
-is flat in rank, a small rank is no worse at memorising and learns faster (peft scales the
-update by alpha / rank), so the old fallback, the largest rank, cost time for nothing.
+fact recall at each rank. It prices the planner's best-effort choice: where the law is flat in
+rank, the planner takes a small rank (fewer parameters) rather than the largest (the old
+fallback); this shows what that costs or saves in training time.
 
     cd bench && ../.venv/bin/python rank_speed.py [--ranks 1,4,16] [--facts-file FILE]
 
