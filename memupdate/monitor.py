@@ -12,7 +12,6 @@ Probes are kept in the registry, so metrics and `memupdate-client status KB` rea
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -104,19 +103,14 @@ class RecallMonitor(threading.Thread):
             up = up and healthy
         return up
 
-    def probe_all(self) -> list[dict]:
-        results = []
+    def probe_all(self) -> None:
         for kb in self.registry.knowledge_bases():
             if self._stop.is_set():
                 break
             try:
-                result = self.probe(kb, "scheduled")
+                self.probe(kb, "scheduled")
             except Exception:  # a bug in one probe must not stop the monitor
                 log.exception("probe of %s crashed", kb)
-                continue
-            if result is not None:
-                results.append(result)
-        return results
 
     def sample(self, kb: str, facts: list[Fact]) -> list[Fact]:
         """The next window of at most max_facts facts, rotating through all of them."""
@@ -135,23 +129,21 @@ class RecallMonitor(threading.Thread):
             encoded = self.encode(facts)
             PROBE_RUNS.labels(kb).inc()
             results = []
-            try:
-                for client in self.backend.replicas():
-                    try:
-                        results.append(
-                            serving_recall(
-                                client, kb, encoded, self.tokenizer, self.settings.greedy_facts
-                            )
+            for client in self.backend.replicas():
+                try:
+                    results.append(
+                        serving_recall(
+                            client, kb, encoded, self.tokenizer, self.settings.greedy_facts
                         )
-                    except ServingError:
-                        REPLICA_UP.labels(client.url).set(0.0)
-                        raise
-            except ServingError as err:
-                PROBE_FAILURES.labels(kb).inc()
-                data = {"version": live.version, "source": source, "error": str(err)}
-                self.registry.record_probe(kb, False, data)
-                log.warning("probe of %s failed: %s", kb, err)
-                return data
+                    )
+                except ServingError as err:
+                    REPLICA_UP.labels(client.url).set(0.0)
+                    PROBE_FAILURES.labels(kb).inc()
+                    data = {"version": live.version, "source": source, "error": str(err)}
+                    self.registry.record_probe(kb, False, data)
+                    log.warning("probe of %s failed: %s", kb, err)
+                    return data
+                REPLICA_UP.labels(client.url).set(1.0)
             worst = min(results, key=lambda r: (r.recall.fact_recall, r.recall.token_recall))
             prompts = {f.source: f.prompt or f.text or "" for f in facts}
             data = probe_record(live, worst, source, self.settings.max_drop, prompts)
@@ -159,14 +151,3 @@ class RecallMonitor(threading.Thread):
             if data["regressed"]:
                 log.warning("recall regression in %s: %s", kb, data["reason"])
             return data
-
-
-def wait_for_probe(registry: Registry, kb: str, after: float, timeout_s: float) -> dict | None:
-    """The first probe of `kb` recorded after `after` (for tests and the CLI)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        last = registry.last_probe(kb)
-        if last is not None and last[0] > after:
-            return last[1]
-        time.sleep(0.2)
-    return None
