@@ -153,8 +153,8 @@ def go_live_with_retries(
                 "waiting_for_serving",
                 {"message": f"attempt {attempt}: {err}; retry in {delay:.0f} s"},
             )
-            deadline_wait = time.monotonic() + delay
-            while time.monotonic() < deadline_wait:
+            wake_at = time.monotonic() + delay
+            while time.monotonic() < wake_at:
                 if cancelled():
                     raise Cancelled() from None
                 time.sleep(0.2)
