@@ -99,7 +99,7 @@ class KnowledgeBaseCollector:
             meta = live.metadata
             plan = meta.get("plan", {})
             info.add_metric([kb], {"version": str(live.version)})
-            target.add_metric([kb], meta.get("target_fact_recall", 1.0))
+            target.add_metric([kb], live.target_fact_recall)
             facts.add_metric([kb], meta.get("facts", len(live.facts())))
             rank.add_metric([kb], live.rank)
             params.add_metric([kb], plan.get("adapter_params", 0))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from memupdate.facts import Fact
 from memupdate.metrics import PROBE_FAILURES, PROBE_RUNS, REPLICA_UP, worst_fact_recall
 from memupdate.registry import Registry, Version
-from memupdate.vllm_client import ServingError, ServingRecall, serving_recall
+from memupdate.vllm_client import ServingError, ServingRecall, serving_recall, worst_replica
 
 log = logging.getLogger("memupdate.monitor")
 
@@ -40,7 +40,7 @@ def probe_record(
 ) -> dict:
     """What a successful probe stores: the recall, and whether (and why) it regressed."""
     rec = result.recall
-    target = version.metadata.get("target_fact_recall", 1.0)
+    target = version.target_fact_recall
     verified = worst_fact_recall(version.serving) if version.serving else None
     reasons = []
     if rec.fact_recall < target:
@@ -144,7 +144,7 @@ class RecallMonitor(threading.Thread):
                     log.warning("probe of %s failed: %s", kb, err)
                     return data
                 REPLICA_UP.labels(client.url).set(1.0)
-            worst = min(results, key=lambda r: (r.recall.fact_recall, r.recall.token_recall))
+            worst = worst_replica(results)
             prompts = {f.source: f.prompt or f.text or "" for f in facts}
             data = probe_record(live, worst, source, self.settings.max_drop, prompts)
             self.registry.record_probe(kb, True, data)

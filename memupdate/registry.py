@@ -68,6 +68,11 @@ class Version:
     serving: dict | None  # recall measured through serving, once verified
     created_at: float
 
+    @property
+    def target_fact_recall(self) -> float:
+        """The fact recall this version had to reach through serving (1.0 if not recorded)."""
+        return self.metadata.get("target_fact_recall", 1.0)
+
     def facts(self) -> list[Fact]:
         return load_facts(self.path / FACTS_FILE) if (self.path / FACTS_FILE).exists() else []
 

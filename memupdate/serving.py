@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from memupdate.encoding import EncodedFact
 from memupdate.monitor import probe_record
 from memupdate.registry import Registry, Version
-from memupdate.vllm_client import ServingError, ServingRecall, VLLMClient, serving_recall
+from memupdate.vllm_client import (
+    ServingError,
+    ServingRecall,
+    VLLMClient,
+    serving_recall,
+    worst_replica,
+)
 from memupdate.vllm_server import ManagedVLLM
 
 log = logging.getLogger("memupdate.serving")
@@ -154,12 +160,13 @@ def verify_and_go_live(
                 client.unload_adapter(name)
             except ServingError:
                 pass  # the replica may be gone; the staging name dies with it
-    worst = min(r.recall.fact_recall for r in results.values())
+    worst = worst_replica(results.values())
     greedy_ok = all(r.greedy_exact == r.greedy_checked for r in results.values())
-    if worst < target_fact_recall or not greedy_ok:
+    if worst.recall.fact_recall < target_fact_recall or not greedy_ok:
         reason = (
-            f"serving fact recall {worst:.3f} below the target {target_fact_recall}"
-            if worst < target_fact_recall
+            f"serving fact recall {worst.recall.fact_recall:.3f} below the target "
+            f"{target_fact_recall}"
+            if worst.recall.fact_recall < target_fact_recall
             else "greedy output differs from a target"
         )
         return GoLiveResult(version, False, results, f"not made live: {reason}")
@@ -170,16 +177,12 @@ def verify_and_go_live(
     registry.record_serving(version.kb, version.version, summary)
     registry.set_live(version.kb, version.version)
     # The go-live check is the version's first recall probe: the metrics start from it.
-    worst_result = min(results.values(), key=lambda r: r.recall.fact_recall)
-    live_version = registry.version(version.kb, version.version)  # with its serving record
-    registry.record_probe(
-        version.kb, True, probe_record(live_version, worst_result, "go-live", max_drop=1.0)
-    )
+    registry.record_probe(version.kb, True, probe_record(version, worst, "go-live", max_drop=1.0))
     return GoLiveResult(
         version,
         True,
         results,
-        f"live on {len(results)} replica(s), serving fact recall {worst:.3f}",
+        f"live on {len(results)} replica(s), serving fact recall {worst.recall.fact_recall:.3f}",
     )
 
 

@@ -23,7 +23,7 @@ from memupdate.metrics import LAW_RECALL_ERROR, PHASE_SECONDS, TRAINING_STEPS, T
 from memupdate.planning import PlanReport, plan_update, record_training
 from memupdate.registry import Registry
 from memupdate.serving import GoLiveResult, ServingBackend, verify_and_go_live
-from memupdate.vllm_client import ServingError
+from memupdate.vllm_client import ServingError, worst_replica
 
 Emit = Callable[[str, dict], None]
 
@@ -261,7 +261,7 @@ def run_update(
     live = go_live_with_retries(rt, version, encoded, request, emit, cancelled)
     verify_s = time.monotonic() - t0
     PHASE_SECONDS.labels("verify").observe(verify_s)
-    worst = min(live.per_replica.values(), key=lambda r: r.recall.fact_recall)
+    worst = worst_replica(live.per_replica.values())
     emit("serving_verified", {"recall": worst.to_dict(), "version": version.version})
     if not live.live:
         raise UpdateFailed(live.reason)

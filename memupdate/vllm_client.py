@@ -31,6 +31,11 @@ class ServingRecall:
         }
 
 
+def worst_replica(results) -> ServingRecall:
+    """The replica with the lowest fact recall (then token recall): what counts for a version."""
+    return min(results, key=lambda r: (r.recall.fact_recall, r.recall.token_recall))
+
+
 class VLLMClient:
     def __init__(self, url: str, timeout_s: float = 120.0):
         self.url = url.rstrip("/")

@@ -17,7 +17,7 @@ from memupdate.serving import rollback, verify_and_go_live
 from memupdate.update import Runtime, UpdateRequest, plan, prepare
 from memupdate.v1 import memupdate_pb2 as pb
 from memupdate.v1 import memupdate_pb2_grpc as pb_grpc
-from memupdate.vllm_client import ServingError, serving_recall
+from memupdate.vllm_client import ServingError, serving_recall, worst_replica
 from server.validation import (
     InvalidRequest,
     PlanRequest,
@@ -190,7 +190,7 @@ class Servicer(pb_grpc.KnowledgeUpdateServicer):
             name=name,
             live_version=live.version if live else 0,
             facts=len(live.facts()) if live else 0,
-            target_fact_recall=live.metadata.get("target_fact_recall", 1.0) if live else 0.0,
+            target_fact_recall=live.target_fact_recall if live else 0.0,
             verified_fact_recall=worst_fact_recall(live.serving) if live and live.serving else 0.0,
             last_probe=probe_pb(*last) if last else None,
             versions=[
@@ -342,7 +342,7 @@ class Servicer(pb_grpc.KnowledgeUpdateServicer):
             ]
         except (InvalidRequest, FactError, ServingError) as err:
             self._abort_for(context, err)
-        worst = min(results, key=lambda r: r.recall.fact_recall)
+        worst = worst_replica(results)
         return recall_pb(worst.to_dict())
 
     def Rollback(self, request, context):
@@ -365,7 +365,6 @@ class Servicer(pb_grpc.KnowledgeUpdateServicer):
     def Republish(self, request, context):
         self._kb_or_404(request.knowledge_base, context)
         live = self._live_or_412(request.knowledge_base, context)
-        target = live.metadata.get("target_fact_recall", 1.0)
         try:
             result = verify_and_go_live(
                 self.rt.registry,
@@ -373,7 +372,7 @@ class Servicer(pb_grpc.KnowledgeUpdateServicer):
                 live,
                 self.plan_rt.encode(live.facts()),
                 self.plan_rt.tokenizer,
-                target,
+                live.target_fact_recall,
             )
         except ServingError as err:
             self._abort_for(context, err)
