@@ -136,11 +136,13 @@ def main() -> int:
         )
         return 0 if exact == len(facts) else 1
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
         try:
+            os.killpg(server.pid, signal.SIGTERM)
             server.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it had already exited; its log says why
         print("stopped the service and its vLLM", flush=True)
 
 

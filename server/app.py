@@ -75,6 +75,32 @@ def build_backend(config: ServiceConfig, model_folder, registry: Registry) -> Se
     return backend
 
 
+def bind_ports(config: ServiceConfig) -> tuple[grpc.Server, int, object]:
+    """The gRPC server with its port bound (not started yet) and the metrics endpoint: taken
+    before vLLM starts, which opens ports of its own that could otherwise take ours."""
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ]
+    interceptors = [AuthInterceptor(config.auth_tokens)] if config.auth_tokens else []
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_watch_streams + 32),
+        options=options,
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+    )
+    address = f"{config.grpc_host}:{config.grpc_port}"
+    if config.tls_cert and config.tls_key:
+        creds = grpc.ssl_server_credentials(
+            [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())]
+        )
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
+    metrics_server, _ = start_http_server(config.metrics_port, addr=config.grpc_host)
+    return server, port, metrics_server
+
+
 def start(config: ServiceConfig) -> Service:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = JobStore(config.data_dir / "jobs.db")
@@ -89,6 +115,17 @@ def start(config: ServiceConfig) -> Service:
     registry.sweep()  # half-published versions from a crash are never listed; remove them
     folder = resolve_model_dir(config.model)
     identity = model_identity(folder)
+    server, port, metrics_server = bind_ports(config)
+    try:
+        return _start_on(config, store, registry, folder, identity, server, port, metrics_server)
+    except BaseException:
+        metrics_server.shutdown()
+        server.stop(None)
+        raise
+
+
+def _start_on(config, store, registry, folder, identity, server, port, metrics_server) -> Service:
+    """Load the models, start vLLM (or reach the replicas), wire the servicer and start."""
 
     def runtime(backend) -> Runtime:
         model, tokenizer = load_model(folder)
@@ -123,17 +160,6 @@ def start(config: ServiceConfig) -> Service:
     for client in backend.replicas():
         REPLICA_UP.labels(client.url).set(float(client.healthy()))
 
-    options = [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-    ]
-    interceptors = [AuthInterceptor(config.auth_tokens)] if config.auth_tokens else []
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_watch_streams + 32),
-        options=options,
-        interceptors=interceptors,
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-    )
     memupdate_pb2_grpc.add_KnowledgeUpdateServicer_to_server(
         Servicer(store, worker_rt, plan_rt, monitor, config), server
     )
@@ -142,16 +168,7 @@ def start(config: ServiceConfig) -> Service:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    address = f"{config.grpc_host}:{config.grpc_port}"
-    if config.tls_cert and config.tls_key:
-        creds = grpc.ssl_server_credentials(
-            [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())]
-        )
-        port = server.add_secure_port(address, creds)
-    else:
-        port = server.add_insecure_port(address)
     collectors = register_collectors(registry, store)
-    metrics_server, _ = start_http_server(config.metrics_port, addr=config.grpc_host)
     server.start()
     worker.start()
     if config.probe_interval_s > 0:
