@@ -4,7 +4,7 @@ The family is part of the law's identity: a law fitted for one family says nothi
 another. Rank is the one free dimension the law chooses.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 ATTENTION_AND_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Ranks the planner may choose from. vLLM's --max-lora-rank must be one of
@@ -57,6 +57,27 @@ def default_family(num_layers: int) -> AdapterFamily:
     """All attention and MLP projections of one layer at two thirds of the depth (the paper's
     placement: layer 20 of Qwen3-8B's 36, 18 of Llama's 32); for SmolLM2-135M, layer 20 of 30."""
     return AdapterFamily(layers=(min(num_layers - 1, (2 * num_layers) // 3),))
+
+
+def choose_family(
+    num_layers: int,
+    modules: tuple[str, ...] | None = None,
+    layers: tuple[int, ...] | None | str = "default",
+    learning_rate: float | None = None,
+) -> AdapterFamily:
+    """The default family with any setting a user gave replaced (command flags, service
+    config). `layers=None` means every layer; "default" keeps the family's placement."""
+    family = default_family(num_layers)
+    unknown = sorted(set(modules or ()) - set(ATTENTION_AND_MLP))
+    if unknown:
+        raise ValueError(f"unknown projection(s) {unknown}; choose from {list(ATTENTION_AND_MLP)}")
+    if modules:
+        family = replace(family, target_modules=tuple(modules))
+    if layers != "default":
+        family = replace(family, layers=layers)
+    if learning_rate:
+        family = replace(family, learning_rate=learning_rate)
+    return family
 
 
 def params_per_rank(model, family: AdapterFamily) -> int:

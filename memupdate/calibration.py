@@ -1,9 +1,11 @@
 """Calibrate the Parametric Memory Law: a grid of trainings (rank × ℓ × seed) at a fixed budget.
 
-Each run trains a fresh adapter with MemFT for at most `steps` optimizer steps (the law's fixed
-training budget; MemFT stops early once every token passes) and records one LawPoint. The budget
-is in steps, not epochs: with a budget in epochs a small ℓ gets so few steps (10 facts, batch 16:
-one step an epoch) that no rank learns anything and rank stops mattering.
+Each run trains a fresh adapter with MemFT within the law's fixed training budget (MemFT stops
+early once every token passes) and records one LawPoint. The budget is either a number of
+optimizer steps, the same for every ℓ, or a number of epochs (the paper's protocol: every fact is
+seen that many times, so a larger ℓ gets proportionally more steps). With a step budget, a large
+ℓ is limited by steps and rank hardly matters; with an epoch budget and an adapter narrow enough
+for its capacity to bind, rank decides (README, "Calibration").
 Points are appended to `points.jsonl` as each run finishes (flushed and fsynced), so a crash or
 Ctrl-C loses at most the run in flight, and rerunning the same command skips finished runs.
 """
@@ -29,14 +31,32 @@ class Grid:
     ranks: tuple[int, ...]
     lengths: tuple[int, ...]  # ℓ: target tokens per run
     seeds: tuple[int, ...] = (0,)
-    steps: int = 150  # training budget: optimizer steps per run
+    steps: int | None = 150  # training budget: optimizer steps per run, or
+    epochs: int | None = None  # passes over the run's facts (steps = epochs x batches)
     batch_size: int = 16
+
+    def __post_init__(self):
+        if (self.steps is None) == (self.epochs is None):
+            raise LawError("give the training budget either in steps or in epochs")
+
+    def training(self) -> dict:
+        """The budget as stored in the law (and read back by `budget_steps`)."""
+        budget = {"steps": self.steps} if self.steps is not None else {"epochs": self.epochs}
+        return {"mode": "memft", **budget, "batch_size": self.batch_size, "facts": "phonebook"}
 
     def runs(self) -> Iterator[tuple[int, int, int]]:
         for seed in self.seeds:
             for ell in self.lengths:
                 for rank in self.ranks:
                     yield rank, ell, seed
+
+
+def budget_steps(training: dict, facts: int) -> int | None:
+    """Optimizer steps a law's training budget allows for a run over `facts` facts (None: the
+    law does not say)."""
+    if training.get("epochs"):
+        return training["epochs"] * math.ceil(facts / training["batch_size"])
+    return training.get("steps")
 
 
 def slice_to_length(facts: list[EncodedFact], ell: int) -> list[EncodedFact]:
@@ -100,7 +120,11 @@ def calibrate(
         facts = source(seed, ell)
         model, tokenizer = load_model()
         settings = TrainSettings(
-            rank=rank, family=family, seed=seed, max_steps=grid.steps, batch_size=grid.batch_size
+            rank=rank,
+            family=family,
+            seed=seed,
+            max_steps=budget_steps(grid.training(), len(facts)),
+            batch_size=grid.batch_size,
         )
         peft_model, result = train_adapter(model, facts, tokenizer.pad_token_id, settings)
         point = LawPoint(
@@ -112,6 +136,8 @@ def calibrate(
             token_recall=result.recall.token_recall,
             params=rank * params_per_rank(peft_model, family),
             source=key,
+            steps=result.steps,
+            facts=len(facts),
         )
         append_point(path, point)
         done[key] = point

@@ -7,13 +7,12 @@ import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 from memupdate.adapter import (
     AdapterFamily,
     check_adapter_for_model,
-    default_family,
+    choose_family,
     params_per_rank,
 )
 from memupdate.base_model import (
@@ -52,13 +51,11 @@ class Base:
         return self.encode_facts(load_facts(path, max_facts=max_facts))
 
     def family(self, args) -> AdapterFamily:
-        family = default_family(self.model.config.num_hidden_layers)
+        layers = "default"
         if args.layers:
             layers = None if args.layers == "all" else tuple(int(x) for x in args.layers.split(","))
-            family = replace(family, layers=layers)
-        if args.lr:
-            family = replace(family, learning_rate=args.lr)
-        return family
+        modules = tuple(args.modules.split(",")) if args.modules else None
+        return choose_family(self.model.config.num_hidden_layers, modules, layers, args.lr)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -66,6 +63,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-facts", type=int, default=DEFAULT_MAX_FACTS)
     p.add_argument("--layers", help="layers to adapt: comma list or 'all' (default: 2/3 depth)")
     p.add_argument("--lr", type=float, help="learning rate (default: the family's)")
+    p.add_argument(
+        "--modules",
+        help="projections to adapt, comma list (default: all attention and MLP projections)",
+    )
 
 
 def cmd_model_prepare(args) -> int:
@@ -203,7 +204,9 @@ def cmd_train(args) -> int:
             fact_recall=result.recall.fact_recall,
             token_recall=result.recall.token_recall,
             params=report["adapter_params"],
-            source=f"train:{out.name}:{result.steps}steps",
+            source=f"train:{out.name}",
+            steps=result.steps,
+            facts=len(facts),
         ),
     )
     if law_file:
@@ -266,7 +269,8 @@ def cmd_calibrate(args) -> int:
         ranks=_ints(args.ranks),
         lengths=_ints(args.lengths),
         seeds=_ints(args.seeds),
-        steps=args.steps,
+        steps=None if args.epochs else args.steps,
+        epochs=args.epochs,
     )
     encode = base.encode_facts
     out = Path(args.out)
@@ -294,12 +298,7 @@ def cmd_calibrate(args) -> int:
         points,
         base_model=base.identity.to_dict(),
         family=family.to_dict(),
-        training={
-            "mode": "memft",
-            "steps": grid.steps,
-            "batch_size": grid.batch_size,
-            "facts": "phonebook",
-        },
+        training=grid.training(),
     )
     law.save(out / "law.json")
     plot(law, out / "law.png")
@@ -455,6 +454,8 @@ def cmd_serve(args) -> int:
         probe_interval_s=args.probe_interval,
         vllm_host=args.vllm_host,
         vllm_port=args.vllm_port,
+        adapter_modules=args.adapter_modules.split(",") if args.adapter_modules else None,
+        adapter_learning_rate=args.adapter_lr,
     )
     serve(config)
     return 0
@@ -542,7 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--ranks", default="1,2,4,8,16")
     cal.add_argument("--lengths", default="110,220,440,880", help="ℓ values, target tokens")
     cal.add_argument("--seeds", default="0")
-    cal.add_argument("--steps", type=int, default=150, help="training budget per run (steps)")
+    budget = cal.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=150, help="training budget per run (steps)")
+    budget.add_argument(
+        "--epochs", type=int, help="training budget per run in passes over its facts"
+    )
     cal.add_argument("--out", required=True, help="folder for points.jsonl, law.json, law.png")
     cal.add_argument(
         "--install",
@@ -595,6 +600,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--probe-interval", type=float, help="seconds between recall probes (0 = on demand only)"
     )
+    srv.add_argument(
+        "--adapter-modules",
+        help="projections each adapter trains, comma list (default: all attention and MLP); "
+        "the law is looked up for this family",
+    )
+    srv.add_argument("--adapter-lr", type=float, help="the adapter family's learning rate")
     srv.set_defaults(func=cmd_serve)
 
     kbs = sub.add_parser("kbs", help="list knowledge bases and their versions")

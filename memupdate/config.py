@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from memupdate.adapter import ATTENTION_AND_MLP
 from memupdate.home import home
 
 
@@ -37,6 +38,10 @@ class ServiceConfig(BaseSettings):
     max_watch_streams: int = Field(default=32, ge=1)
     max_concurrent_rpcs: int = Field(default=256, ge=1)
     default_max_steps: int = 2000
+    # The adapter family every job trains (and whose law plans the rank): empty / None keep the
+    # default family's modules and learning rate (memupdate.adapter.default_family).
+    adapter_modules: list[str] = []
+    adapter_learning_rate: float | None = Field(default=None, gt=0)
     # How long a job waits for unreachable vLLM replicas (retrying with backoff) before failing.
     serving_wait_s: float = Field(default=300.0, ge=0)
     workers: int = 1  # trainings at a time (each worker holds its own copy of the model)
@@ -54,6 +59,14 @@ class ServiceConfig(BaseSettings):
         if bad:
             raise ValueError(f"auth token roles must be 'writer' or 'reader', got {sorted(bad)}")
         return tokens
+
+    @field_validator("adapter_modules")
+    @classmethod
+    def _modules(cls, modules: list[str]) -> list[str]:
+        unknown = sorted(set(modules) - set(ATTENTION_AND_MLP))
+        if unknown:
+            raise ValueError(f"unknown projection(s) {unknown}; choose from {ATTENTION_AND_MLP}")
+        return modules
 
     @classmethod
     def load(cls, file: str | Path | None = None, **overrides) -> "ServiceConfig":

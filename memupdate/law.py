@@ -54,6 +54,8 @@ class LawPoint:
     token_recall: float | None = None
     params: int = 0  # trainable adapter parameters
     source: str = ""  # calibration run or job that produced the point
+    steps: int = 0  # optimizer steps the training took (0: not recorded)
+    facts: int = 0  # facts the ℓ target tokens came in
 
     @property
     def loss_reduction(self) -> float:

@@ -10,6 +10,9 @@ do about as well as the best one is taken (see ParametricMemoryLaw.best_effort_r
 """
 
 import fcntl
+import hashlib
+import json
+import logging
 import re
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -17,12 +20,14 @@ from pathlib import Path
 
 from memupdate.adapter import RANK_LADDER, AdapterFamily, params_per_rank
 from memupdate.base_model import ModelIdentity
+from memupdate.calibration import budget_steps
 from memupdate.encoding import EncodedFact, sequence_length
 from memupdate.home import home
 from memupdate.law import LawError, LawPoint, ParametricMemoryLaw, UnreachableTarget
 from memupdate.recall import measure_recall
 
 DEFAULT_MAX_RANK = 64
+log = logging.getLogger("memupdate.planning")
 
 
 @dataclass
@@ -42,9 +47,13 @@ class PlanReport:
 
 
 def law_file_name(identity: ModelIdentity, family: AdapterFamily) -> str:
+    """Readable (model, layers, modules) plus a digest of the whole family (modules, alpha and
+    learning rate included): a law says nothing about any other family."""
     layers = "all" if family.layers is None else "-".join(map(str, family.layers))
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", identity.name)
-    return f"{safe}-{identity.digest}-L{layers}-r{len(family.target_modules)}m.json"
+    modules = family.target_modules[0] if len(family.target_modules) == 1 else "multi"
+    digest = hashlib.sha256(json.dumps(family.to_dict(), sort_keys=True).encode()).hexdigest()
+    return f"{safe}-{identity.digest}-L{layers}-{modules}-{digest[:8]}.json"
 
 
 def user_law_path(identity: ModelIdentity, family: AdapterFamily) -> Path:
@@ -59,12 +68,15 @@ def shipped_law_path(identity: ModelIdentity, family: AdapterFamily) -> Path:
 
 def find_law(identity: ModelIdentity, family: AdapterFamily) -> tuple[ParametricMemoryLaw, str]:
     """The law for this model and family; raises LawError naming what is missing."""
-    user = user_law_path(identity, family)
-    if user.exists():
-        return ParametricMemoryLaw.load(user), str(user)
-    shipped = shipped_law_path(identity, family)
-    if shipped.is_file():
-        return ParametricMemoryLaw.load(shipped), f"shipped:{shipped.name}"
+    for path, label in (
+        (user_law_path(identity, family), None),
+        (shipped_law_path(identity, family), "shipped:"),
+    ):
+        if path.is_file():
+            law = ParametricMemoryLaw.load(path)
+            if law.family and law.family != family.to_dict():  # a file copied under a wrong name
+                raise LawError(f"{path} was fitted for another adapter family: {law.family}")
+            return law, f"{label}{path.name}" if label else str(path)
     raise LawError(
         f"no calibrated law for {identity.name} ({identity.digest}) with this adapter family; "
         f"run `memupdate calibrate` to fit one"
@@ -76,7 +88,13 @@ def record_training(identity: ModelIdentity, family: AdapterFamily, point: LawPo
 
     Read-modify-write under an exclusive file lock, written atomically, so concurrent writers
     neither lose points nor leave a torn file. The first refinement of a shipped law copies it
-    to $MEMUPDATE_HOME/laws. Returns the law file, or None when the model has no law yet."""
+    to $MEMUPDATE_HOME/laws. Returns the law file, or None when the model has no law yet or the
+    point does not belong to it.
+
+    Only a training that finished within the law's budget is a point of the law: MemFT stops
+    when every token passes, so such a run ended where a calibration run would have (its
+    learning rate decayed over a longer budget, so it is a little optimistic). A job that
+    trained past the budget says nothing about what the budget achieves."""
     path = user_law_path(identity, family)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "w") as lock:
@@ -84,6 +102,15 @@ def record_training(identity: ModelIdentity, family: AdapterFamily, point: LawPo
         try:
             law, _ = find_law(identity, family)
         except LawError:
+            return None
+        budget = budget_steps(law.training, point.facts)
+        if budget is not None and point.steps > budget:
+            log.info(
+                "not refining the law with %s: %d steps, past the law's budget of %d",
+                point.source,
+                point.steps,
+                budget,
+            )
             return None
         law.refit_with(point).save(path)
     return path

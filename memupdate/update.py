@@ -227,6 +227,8 @@ def run_update(
                     token_recall=result.recall.token_recall,
                     params=report.adapter_params,
                     source=f"job:{request.kb}",
+                    steps=result.steps,
+                    facts=len(encoded),
                 ),
             )
             if not result.success:

@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from memupdate.adapter import default_family
+from memupdate.adapter import choose_family
 from memupdate.base_model import load_model, model_identity, resolve_model_dir
 from memupdate.config import ServiceConfig
 from memupdate.jobs import JobStore
@@ -134,7 +134,11 @@ def _start_on(config, store, registry, folder, identity, server, port, metrics_s
             identity,
             model,
             tokenizer,
-            default_family(model.config.num_hidden_layers),
+            choose_family(
+                model.config.num_hidden_layers,
+                tuple(config.adapter_modules) or None,
+                learning_rate=config.adapter_learning_rate,
+            ),
             registry,
             backend,
             default_max_steps=config.default_max_steps,

@@ -2,9 +2,11 @@
 
 import json
 
+import pytest
+
 from memupdate.calibration import load_points
 from memupdate.cli import main
-from memupdate.law import ParametricMemoryLaw
+from memupdate.law import LawError, ParametricMemoryLaw
 
 
 def test_calibrate_writes_a_law_that_reloads_predicts_and_resumes(
@@ -63,6 +65,39 @@ def test_calibrate_writes_a_law_that_reloads_predicts_and_resumes(
     capsys.readouterr()
     assert main(
         ["plan", str(facts), "--target-recall", "0.5", "--model", str(tiny_dir), "--json"]
+        + ["--lr", "1e-2"]  # the family the law was fitted for
     ) in (0, 2)
     output = capsys.readouterr()
     assert "home/laws" in output.out or "no rank up to" in output.err
+
+
+def test_an_epoch_budget_and_a_narrow_family_make_their_own_law(tiny_dir, tmp_path, monkeypatch):
+    """--epochs gives each run epochs x batches steps (more facts, more steps); --modules makes
+    a family of its own, installed under its own name and found only for that family."""
+    from memupdate.adapter import choose_family
+    from memupdate.base_model import model_identity
+    from memupdate.calibration import budget_steps
+    from memupdate.planning import find_law, user_law_path
+
+    monkeypatch.setenv("MEMUPDATE_HOME", str(tmp_path / "home"))
+    out = tmp_path / "cal"
+    args = ["calibrate", "--model", str(tiny_dir), "--ranks", "1,4", "--lengths", "40,400"]
+    args += ["--epochs", "3", "--modules", "down_proj", "--lr", "1e-2"]
+    assert main([*args, "--out", str(out), "--install", "--quiet"]) == 0
+    law = ParametricMemoryLaw.load(out / "law.json")
+    assert law.training["epochs"] == 3 and "steps" not in law.training
+    assert law.family["target_modules"] == ["down_proj"] and law.family["learning_rate"] == 1e-2
+    small, large = (
+        sorted(law.points, key=lambda p: p.facts)[0],
+        max(law.points, key=lambda p: p.facts),
+    )
+    assert budget_steps(law.training, small.facts) == 3  # one batch of 16 facts or fewer
+    assert large.facts > 16 and budget_steps(law.training, large.facts) >= 6
+    assert all(0 < p.steps <= budget_steps(law.training, p.facts) for p in law.points)
+    assert all(p.params == p.rank * (256 + 128) for p in law.points), "tiny down_proj: 256 -> 128"
+
+    identity = model_identity(tiny_dir)
+    narrow = choose_family(4, ("down_proj",), learning_rate=1e-2)
+    assert find_law(identity, narrow)[1] == str(user_law_path(identity, narrow))
+    with pytest.raises(LawError, match="no calibrated law"):
+        find_law(identity, choose_family(4, ("down_proj",)))  # same modules, another lr

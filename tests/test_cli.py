@@ -121,3 +121,14 @@ def test_contradiction_in_a_file_is_refused(tiny_dir, tmp_path, capsys):
 def test_unknown_model_folder_is_a_clear_error(tmp_path, facts_file, capsys):
     assert main(["plan", str(facts_file), "--target-recall", "1", "--model", str(tmp_path)]) == 2
     assert "is not a Hugging Face model folder" in capsys.readouterr().err
+
+
+def test_an_unknown_projection_is_refused_before_anything_starts(tiny_dir, tmp_path, capsys):
+    calibrate = ["calibrate", "--model", str(tiny_dir), "--out", str(tmp_path / "cal")]
+    assert main([*calibrate, "--modules", "down_proj,mlp"]) == 2
+    assert "unknown projection(s) ['mlp']" in capsys.readouterr().err
+    assert not (tmp_path / "cal").exists()
+    serve = ["serve", "--data-dir", str(tmp_path / "svc"), "--adapter-modules", "attn"]
+    assert main(serve) == 2
+    assert "unknown projection(s) ['attn']" in capsys.readouterr().err
+    assert not (tmp_path / "svc").exists()

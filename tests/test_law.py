@@ -153,3 +153,40 @@ def test_a_law_flat_in_rank_falls_back_to_the_smallest_rank():
     assert flat.loss_reduction(8, 330) / flat.loss_reduction(1, 330) < math.exp(FLAT_TOLERANCE)
     steep = ParametricMemoryLaw(C=2.0, alpha=0.5, beta=0.3, b=0.0, L50=0.4, k=3.0)
     assert steep.best_effort_rank(4000, 3.0, max_rank=8).rank == 8
+
+
+def test_only_trainings_within_the_law_budget_refine_it(tmp_path, monkeypatch):
+    """A job that trained past the law's budget is not a point of the law: with an epoch budget
+    of 10, 40 facts (3 batches) allow 30 steps."""
+    from memupdate.adapter import AdapterFamily
+    from memupdate.base_model import ModelIdentity
+    from memupdate.planning import record_training, user_law_path
+
+    monkeypatch.setenv("MEMUPDATE_HOME", str(tmp_path))
+    identity, family = ModelIdentity("m", "d"), AdapterFamily(layers=(1,))
+    law = ParametricMemoryLaw.fit_points(synthetic_points(0.02))
+    law.training = {"epochs": 10, "batch_size": 16}
+    law.save(user_law_path(identity, family))
+    past = LawPoint(4, 440, 3.0, 0.1, 1.0, source="job:long", steps=31, facts=40)
+    within = LawPoint(4, 440, 3.0, 0.1, 1.0, source="job:short", steps=30, facts=40)
+    assert record_training(identity, family, past) is None
+    assert record_training(identity, family, within) == user_law_path(identity, family)
+    sources = {p.source for p in ParametricMemoryLaw.load(user_law_path(identity, family)).points}
+    assert "job:short" in sources and "job:long" not in sources
+
+
+def test_a_law_file_for_another_family_is_refused(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from memupdate.adapter import AdapterFamily
+    from memupdate.base_model import ModelIdentity
+    from memupdate.planning import find_law, user_law_path
+
+    monkeypatch.setenv("MEMUPDATE_HOME", str(tmp_path))
+    identity, family = ModelIdentity("m", "d"), AdapterFamily(layers=(1,))
+    other = replace(family, learning_rate=1e-2)
+    assert user_law_path(identity, family) != user_law_path(identity, other)
+    law = ParametricMemoryLaw.fit_points(synthetic_points(0.02), family=other.to_dict())
+    law.save(user_law_path(identity, family))  # copied under the wrong family's name
+    with pytest.raises(LawError, match="fitted for another adapter family"):
+        find_law(identity, family)
