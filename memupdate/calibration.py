@@ -21,7 +21,7 @@ import numpy as np
 
 from memupdate.adapter import AdapterFamily, params_per_rank
 from memupdate.encoding import EncodedFact, sequence_length
-from memupdate.law import LawError, LawPoint, ParametricMemoryLaw
+from memupdate.law import LawError, LawPoint, ParametricMemoryLaw, log_errors
 from memupdate.memft import TrainSettings, train_adapter
 from memupdate.phonebook import phonebook_facts
 
@@ -155,13 +155,8 @@ def fit_with_holdout(points: list[LawPoint], every: int = 5, **meta) -> Parametr
         partial = ParametricMemoryLaw.fit_points(kept)
     except LawError:
         return law
-    log_err = [
-        abs(
-            math.log(partial.loss_reduction(p.rank, p.sequence_length)) - math.log(p.loss_reduction)
-        )
-        for p in held
-        if p.loss_reduction > 0 and partial.loss_reduction(p.rank, p.sequence_length) > 0
-    ]
+    predicted = [partial.loss_reduction(p.rank, p.sequence_length) for p in held]
+    log_err = np.abs(log_errors(np.array(predicted), held))
     recall_err = [
         abs(partial.predict(p.rank, p.sequence_length, p.loss_before_nats)[1] - p.fact_recall)
         for p in held
@@ -169,7 +164,7 @@ def fit_with_holdout(points: list[LawPoint], every: int = 5, **meta) -> Parametr
     law.fit.update(
         {
             "holdout_points": len(held),
-            "holdout_mean_abs_log_dl": float(np.mean(log_err)) if log_err else None,
+            "holdout_mean_abs_log_dl": float(np.mean(log_err)) if len(held) else None,
             "holdout_mean_abs_fact_recall": float(np.mean(recall_err)) if recall_err else None,
         }
     )

@@ -212,9 +212,19 @@ class ParametricMemoryLaw:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+def log_errors(predicted, points: list[LawPoint]) -> np.ndarray:
+    """log predicted ΔL − log observed ΔL, censored: a run that recalled every fact was stopped
+    by MemFT there, so its ΔL is a lower bound and a prediction above it is no error."""
+    observed = np.array([p.loss_reduction for p in points], dtype=float)
+    stopped = np.array([p.fact_recall >= 1.0 for p in points], dtype=bool)
+    error = np.log(np.maximum(predicted, 1e-9)) - np.log(observed)
+    return np.where(stopped & (error > 0), 0.0, error)
+
+
 def _fit_power(points: list[LawPoint]) -> tuple[dict, float]:
-    """Least squares in log space. For a grid of offsets b below the smallest ΔL, log(ΔL − b)
-    is linear in (log r, log ℓ); keep the b whose fit predicts log ΔL best, then polish."""
+    """Least squares in log space, censored (`log_errors`). For a grid of offsets b below the
+    smallest ΔL, log(ΔL − b) is linear in (log r, log ℓ); start from the b whose fit predicts
+    best, then polish all four constants on the censored errors."""
     if len(points) < 4:
         raise LawError(f"need at least 4 points to fit the law, got {len(points)}")
     dl = np.array([p.loss_reduction for p in points])
@@ -237,7 +247,7 @@ def _fit_power(points: list[LawPoint]) -> tuple[dict, float]:
         pred = np.exp(design @ coef) + b
         if (pred <= 0).any():
             continue
-        sse = float(((np.log(dl) - np.log(pred)) ** 2).sum())
+        sse = float((log_errors(pred, points) ** 2).sum())
         if best is None or sse < best[0]:
             best = (sse, b, coef)
     _, b, coef = best
@@ -246,8 +256,7 @@ def _fit_power(points: list[LawPoint]) -> tuple[dict, float]:
     from scipy.optimize import least_squares
 
     def residuals(x):
-        pred = np.exp(x[0]) * r ** x[1] * ell ** (-x[2]) + x[3]
-        return np.log(np.maximum(pred, 1e-9)) - np.log(dl)
+        return log_errors(np.exp(x[0]) * r ** x[1] * ell ** (-x[2]) + x[3], points)
 
     polished = least_squares(residuals, [coef[0], coef[1], coef[2], b])
     if (residuals(polished.x) ** 2).sum() < (residuals([*coef, b]) ** 2).sum():

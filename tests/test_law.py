@@ -29,6 +29,34 @@ def test_fit_recovers_known_constants_from_noisy_points():
     assert law.L50 == pytest.approx(0.4, rel=0.1) and law.k == pytest.approx(3.0, rel=0.2)
 
 
+def test_runs_stopped_by_full_recall_are_lower_bounds_in_the_fit():
+    """MemFT stops once every fact is recalled, so the loss reduction of such a run is capped at
+    L0 − L_stop. Treating those as exact flattens the law in rank; the censored fit does not."""
+    stop_after = 2.45  # loss at which the synthetic runs count as fully recalled
+    points = []
+    for p in synthetic_points(noise=0.02):
+        if p.loss_after_nats < stop_after:  # would have gone further; MemFT stopped here
+            p = LawPoint(p.rank, p.sequence_length, 3.0, stop_after, 1.0, source=p.source)
+        else:
+            p.fact_recall = min(p.fact_recall, 0.99)
+        points.append(p)
+    stopped = sum(p.fact_recall == 1.0 for p in points)
+    assert 5 <= stopped <= 20, "the case needs both stopped and budget-limited runs"
+    law = ParametricMemoryLaw.fit_points(points)
+    assert law.alpha == pytest.approx(TRUE["alpha"], abs=0.08)
+    assert law.beta == pytest.approx(TRUE["beta"], abs=0.1)
+    # Every stopped run is predicted to reduce the loss at least as far as it got.
+    predicted = [
+        law.loss_reduction(p.rank, p.sequence_length) for p in points if p.fact_recall == 1
+    ]
+    observed = [p.loss_reduction for p in points if p.fact_recall == 1]
+    assert sum(pr < 0.95 * ob for pr, ob in zip(predicted, observed, strict=True)) <= 1
+    # The same points taken as exact (no run marked stopped) give the flat law of the old fit.
+    for p in points:
+        p.fact_recall = min(p.fact_recall, 0.99)
+    assert ParametricMemoryLaw.fit_points(points).alpha < 0.2
+
+
 def test_choose_rank_returns_the_smallest_rank_that_meets_the_target():
     law = ParametricMemoryLaw.fit_points(synthetic_points(noise=0.0))
     at_8 = law.predict(8, 1000, 3.0)[1]
