@@ -22,7 +22,7 @@ import numpy as np
 from memupdate.adapter import AdapterFamily, params_per_rank
 from memupdate.encoding import EncodedFact, sequence_length
 from memupdate.law import LawError, LawPoint, ParametricMemoryLaw, log_errors
-from memupdate.memft import TrainSettings, train_adapter
+from memupdate.memft import Progress, TrainSettings, train_adapter
 from memupdate.phonebook import phonebook_facts
 
 
@@ -107,6 +107,7 @@ def calibrate(
     out: Path,
     source: Callable[[int, int], list[EncodedFact]],
     on_run: Callable[[str, LawPoint | None], None] = lambda key, point: None,
+    on_progress: Callable[[str, Progress], None] = lambda key, progress: None,
 ) -> list[LawPoint]:
     """Run every grid cell not yet in out/points.jsonl; return all points of the grid."""
     out.mkdir(parents=True, exist_ok=True)
@@ -126,7 +127,9 @@ def calibrate(
             max_steps=budget_steps(grid.training(), len(facts)),
             batch_size=grid.batch_size,
         )
-        peft_model, result = train_adapter(model, facts, tokenizer.pad_token_id, settings)
+        peft_model, result = train_adapter(
+            model, facts, tokenizer.pad_token_id, settings, lambda p, key=key: on_progress(key, p)
+        )
         point = LawPoint(
             rank=rank,
             sequence_length=sequence_length(facts),

@@ -278,11 +278,20 @@ def cmd_calibrate(args) -> int:
         total=len(list(grid.runs())), desc="calibration runs", unit="run", disable=args.quiet
     )
 
+    steps = tqdm(desc="  steps", unit="step", position=1, leave=False, disable=args.quiet)
+
     def on_run(key, point):
         bar.update(1)
         bar.set_postfix(
             run=key, dL=f"{point.loss_reduction:.3f}", fact_recall=f"{point.fact_recall:.2f}"
         )
+
+    def on_progress(key, p: Progress):
+        if steps.total != p.max_steps or p.step < steps.n:  # a new run
+            steps.reset(total=p.max_steps)
+            steps.set_description(f"  {key}")
+        steps.update(p.step - steps.n)
+        steps.set_postfix(fact_recall=f"{p.fact_recall:.2f}", active=p.active_facts)
 
     points = calibrate(
         lambda: load_model(base.folder),
@@ -292,7 +301,9 @@ def cmd_calibrate(args) -> int:
         out,
         lambda seed, ell: phonebook_source(encode, seed, ell),
         on_run,
+        on_progress,
     )
+    steps.close()
     bar.close()
     law = fit_with_holdout(
         points,
