@@ -148,27 +148,31 @@ def calibrate(
     return [done[run_key(*cell)] for cell in grid.runs()]
 
 
-def fit_with_holdout(points: list[LawPoint], every: int = 5, **meta) -> ParametricMemoryLaw:
-    """Fit on all points; also fit without every `every`-th point and report the error on those
-    held-out points (log ΔL and fact recall), stored in law.fit."""
+def fit_with_holdout(points: list[LawPoint], **meta) -> ParametricMemoryLaw:
+    """Fit on all points, and estimate the law's error on points it has not seen: leave each
+    point out in turn, refit, predict it (log ΔL, censored as in the fit, and fact recall).
+    The error is also given over the budget-limited runs alone, the ones whose ΔL is exact."""
     law = ParametricMemoryLaw.fit_points(points, **meta)
-    held = points[every - 1 :: every]
-    kept = [p for p in points if p not in held]
-    try:
-        partial = ParametricMemoryLaw.fit_points(kept)
-    except LawError:
-        return law
-    predicted = [partial.loss_reduction(p.rank, p.sequence_length) for p in held]
-    log_err = np.abs(log_errors(np.array(predicted), held))
-    recall_err = [
-        abs(partial.predict(p.rank, p.sequence_length, p.loss_before_nats)[1] - p.fact_recall)
-        for p in held
-    ]
+    log_err, recall_err, limited = [], [], []
+    for i, held in enumerate(points):
+        try:
+            partial = ParametricMemoryLaw.fit_points(points[:i] + points[i + 1 :])
+        except LawError:  # without this point the grid no longer spans two ranks or two ℓ
+            continue
+        predicted = partial.loss_reduction(held.rank, held.sequence_length)
+        log_err.append(abs(float(log_errors(np.array([predicted]), [held])[0])))
+        after, recall = partial.predict(held.rank, held.sequence_length, held.loss_before_nats)
+        recall_err.append(abs(recall - held.fact_recall))
+        if held.fact_recall < 1.0:
+            limited.append(log_err[-1])
     law.fit.update(
         {
-            "holdout_points": len(held),
-            "holdout_mean_abs_log_dl": float(np.mean(log_err)) if len(held) else None,
+            "holdout": "leave-one-out",
+            "holdout_points": len(log_err),
+            "holdout_mean_abs_log_dl": float(np.mean(log_err)) if log_err else None,
             "holdout_mean_abs_fact_recall": float(np.mean(recall_err)) if recall_err else None,
+            "holdout_budget_limited_points": len(limited),
+            "holdout_budget_limited_mean_abs_log_dl": float(np.mean(limited)) if limited else None,
         }
     )
     return law
@@ -187,7 +191,11 @@ def plot(law: ParametricMemoryLaw, path: Path) -> None:
     for i, ell in enumerate(lengths):
         color = plt.cm.viridis(i / max(1, len(lengths) - 1))
         pts = [p for p in law.points if p.sequence_length == ell]
-        left.scatter([p.rank for p in pts], [p.loss_reduction for p in pts], color=color)
+        for stopped, marker in ((False, "o"), (True, "^")):  # ^: MemFT stopped it, a lower bound
+            some = [p for p in pts if (p.fact_recall >= 1.0) == stopped]
+            left.scatter(
+                [p.rank for p in some], [p.loss_reduction for p in some], color=color, marker=marker
+            )
         left.plot(ranks, [law.loss_reduction(r, ell) for r in ranks], color=color, label=f"ℓ={ell}")
     left.set(
         xscale="log",
@@ -195,6 +203,9 @@ def plot(law: ParametricMemoryLaw, path: Path) -> None:
         ylabel="ΔL (nats/token)",
         title=f"ΔL = C·r^α·ℓ^-β + b   (R² log = {law.fit.get('r2_log', float('nan')):.3f})",
     )
+    l0 = float(np.mean([p.loss_before_nats for p in law.points]))
+    left.axhline(l0, color="grey", linestyle=":", label=f"mean L0 = {l0:.2f} (all learned)")
+    left.scatter([], [], marker="^", color="grey", label="every fact recalled (lower bound)")
     left.legend(fontsize=8)
     predicted = [law.predict(p.rank, p.sequence_length, p.loss_before_nats)[0] for p in law.points]
     right.scatter(predicted, [p.fact_recall for p in law.points], label="runs (predicted loss)")
