@@ -13,6 +13,7 @@ Ctrl-C loses at most the run in flight, and rerunning the same command skips fin
 import json
 import math
 import os
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ class Grid:
     steps: int | None = 150  # training budget: optimizer steps per run, or
     epochs: int | None = None  # passes over the run's facts (steps = epochs x batches)
     batch_size: int = 16
+    facts: str = "phonebook"  # where the facts come from, as stored in the law
 
     def __post_init__(self):
         if (self.steps is None) == (self.epochs is None):
@@ -42,7 +44,7 @@ class Grid:
     def training(self) -> dict:
         """The budget as stored in the law (and read back by `budget_steps`)."""
         budget = {"steps": self.steps} if self.steps is not None else {"epochs": self.epochs}
-        return {"mode": "memft", **budget, "batch_size": self.batch_size, "facts": "phonebook"}
+        return {"mode": "memft", **budget, "batch_size": self.batch_size, "facts": self.facts}
 
     def runs(self) -> Iterator[tuple[int, int, int]]:
         for seed in self.seeds:
@@ -75,6 +77,13 @@ def phonebook_source(encode: Callable, seed: int, ell: int) -> list[EncodedFact]
     return slice_to_length(facts, ell)
 
 
+def file_source(facts: list[EncodedFact], seed: int, ell: int) -> list[EncodedFact]:
+    """A user's facts, shuffled by the seed (each seed a different sample), cut to ℓ."""
+    shuffled = list(facts)
+    random.Random(seed).shuffle(shuffled)
+    return slice_to_length(shuffled, ell)
+
+
 def run_key(rank: int, ell: int, seed: int) -> str:
     return f"r{rank}-l{ell}-s{seed}"
 
@@ -101,7 +110,6 @@ def append_point(path: Path, point: LawPoint) -> None:
 
 def calibrate(
     load_model: Callable,
-    encode: Callable,
     family: AdapterFamily,
     grid: Grid,
     out: Path,

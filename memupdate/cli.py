@@ -7,6 +7,7 @@ import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from memupdate.adapter import (
@@ -22,7 +23,7 @@ from memupdate.base_model import (
     prepare_default_model,
     resolve_model_dir,
 )
-from memupdate.encoding import encode_facts, model_context_length
+from memupdate.encoding import encode_facts, model_context_length, sequence_length
 from memupdate.facts import DEFAULT_MAX_FACTS, FactError, load_facts, write_facts
 from memupdate.home import home
 from memupdate.jobs import JobStoreError
@@ -260,7 +261,14 @@ def cmd_compare(args) -> int:
 def cmd_calibrate(args) -> int:
     from tqdm import tqdm
 
-    from memupdate.calibration import Grid, calibrate, fit_with_holdout, phonebook_source, plot
+    from memupdate.calibration import (
+        Grid,
+        calibrate,
+        file_source,
+        fit_with_holdout,
+        phonebook_source,
+        plot,
+    )
     from memupdate.planning import shipped_law_path, user_law_path
 
     base = Base(args.model)
@@ -271,8 +279,19 @@ def cmd_calibrate(args) -> int:
         seeds=_ints(args.seeds),
         steps=None if args.epochs else args.steps,
         epochs=args.epochs,
+        facts=f"file:{Path(args.facts).name}" if args.facts else "phonebook",
     )
-    encode = base.encode_facts
+    if args.facts:  # read and checked once, before any training
+        user_facts = base.encode(args.facts, args.max_facts)
+        if sequence_length(user_facts) < max(grid.lengths):
+            raise LawError(
+                f"{args.facts} holds {sequence_length(user_facts)} target tokens, fewer than "
+                f"the largest ℓ asked for ({max(grid.lengths)})"
+            )
+        source = partial(file_source, user_facts)
+    else:
+        source = partial(phonebook_source, base.encode_facts)
+
     out = Path(args.out)
     bar = tqdm(
         total=len(list(grid.runs())), desc="calibration runs", unit="run", disable=args.quiet
@@ -295,11 +314,10 @@ def cmd_calibrate(args) -> int:
 
     points = calibrate(
         lambda: load_model(base.folder),
-        encode,
         family,
         grid,
         out,
-        lambda seed, ell: phonebook_source(encode, seed, ell),
+        source,
         on_run,
         on_progress,
     )
@@ -554,6 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--ranks", default="1,2,4,8,16")
     cal.add_argument("--lengths", default="110,220,440,880", help="ℓ values, target tokens")
     cal.add_argument("--seeds", default="0")
+    cal.add_argument(
+        "--facts",
+        help="your own fact file, sliced to each ℓ (shuffled by seed); default: phonebook facts",
+    )
     budget = cal.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=150, help="training budget per run (steps)")
     budget.add_argument(

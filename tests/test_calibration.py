@@ -101,3 +101,29 @@ def test_an_epoch_budget_and_a_narrow_family_make_their_own_law(tiny_dir, tmp_pa
     assert find_law(identity, narrow)[1] == str(user_law_path(identity, narrow))
     with pytest.raises(LawError, match="no calibrated law"):
         find_law(identity, choose_family(4, ("down_proj",)))  # same modules, another lr
+
+
+def test_calibrate_on_a_users_fact_file(tiny_dir, tmp_path, monkeypatch, capsys):
+    from memupdate.facts import Fact, write_facts
+
+    monkeypatch.setenv("MEMUPDATE_HOME", str(tmp_path / "home"))
+    cities = ["Avalon", "Brightwater", "Cold Harbor", "Dunmore", "Eastwick", "Fairhaven"]
+    facts = [
+        Fact(prompt=f"Project {i} is based in", target=f" {cities[i % 6]}, wing {i}")
+        for i in range(40)
+    ]
+    write_facts(facts, tmp_path / "mine.jsonl")
+    args = ["calibrate", "--model", str(tiny_dir), "--facts", str(tmp_path / "mine.jsonl")]
+    args += ["--ranks", "1,4", "--epochs", "3", "--quiet"]
+
+    assert main([*args, "--lengths", "30,90", "--out", str(tmp_path / "cal")]) == 0
+    law = ParametricMemoryLaw.load(tmp_path / "cal" / "law.json")
+    assert law.training["facts"] == "file:mine.jsonl"
+    assert {p.sequence_length >= 30 for p in law.points} == {True}
+    assert max(p.sequence_length for p in law.points) >= 90
+
+    # A file too short for the largest ℓ is refused before anything is trained.
+    capsys.readouterr()
+    assert main([*args, "--lengths", "30,100000", "--out", str(tmp_path / "short")]) == 2
+    assert "fewer than the largest ℓ asked for (100000)" in capsys.readouterr().err
+    assert not (tmp_path / "short" / "points.jsonl").exists()

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 from openai_api import ask
 
-from memupdate.adapter import default_family
+from memupdate.adapter import choose_family, default_family
 from memupdate.base_model import load_model
 from memupdate.encoding import encode_facts
 from memupdate.facts import Fact
@@ -255,3 +255,22 @@ def test_cli_publish_serve_check_against_an_external_replica(stack, tiny_dir, tm
     assert "fact recall 1.000" in capsys.readouterr().out
     assert main(["kbs", "--registry", str(tmp_path / "reg")]) == 0
     assert "cli-kb: live v1; versions v1(r=8, verified)" in capsys.readouterr().out
+
+
+def test_an_adapter_of_the_down_proj_family_is_served_with_its_recall(stack, tiny_dir, tmp_path):
+    """Adapters that touch only down_proj of one layer (the family whose shipped law chooses
+    ranks) load into vLLM and recall there as they did in training."""
+    registry, backend, _ = stack
+    model, tok = load_model(tiny_dir)
+    family = choose_family(model.config.num_hidden_layers, ("down_proj",), learning_rate=1e-2)
+    encoded = encode_facts(OLD, tok, 256)
+    settings = TrainSettings(rank=8, family=family, max_steps=800)
+    peft_model, trained = train_adapter(model, encoded, tok.pad_token_id, settings)
+    assert trained.success
+    peft_model.save_pretrained(tmp_path / "down")
+    version = registry.publish("kb-down", tmp_path / "down", {"facts": len(encoded)}, facts=OLD)
+    result = verify_and_go_live(registry, backend, version, encoded, tok, 1.0)
+    assert result.live, result.reason
+    [served] = result.per_replica.values()
+    assert served.recall.fact_recall == 1.0 and served.greedy_exact == len(OLD)
+    assert served.recall.min_prob == pytest.approx(trained.recall.min_prob, abs=1e-3)
