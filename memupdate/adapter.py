@@ -59,6 +59,14 @@ def default_family(num_layers: int) -> AdapterFamily:
     return AdapterFamily(layers=(min(num_layers - 1, (2 * num_layers) // 3),))
 
 
+def check_modules(modules) -> list[str]:
+    """Refuse projection names the family cannot adapt (before any model or server starts)."""
+    unknown = sorted(set(modules) - set(ATTENTION_AND_MLP))
+    if unknown:
+        raise ValueError(f"unknown projection(s) {unknown}; choose from {list(ATTENTION_AND_MLP)}")
+    return list(modules)
+
+
 def choose_family(
     num_layers: int,
     modules: tuple[str, ...] | None = None,
@@ -68,9 +76,7 @@ def choose_family(
     """The default family with any setting a user gave replaced (command flags, service
     config). `layers=None` means every layer; "default" keeps the family's placement."""
     family = default_family(num_layers)
-    unknown = sorted(set(modules or ()) - set(ATTENTION_AND_MLP))
-    if unknown:
-        raise ValueError(f"unknown projection(s) {unknown}; choose from {list(ATTENTION_AND_MLP)}")
+    check_modules(modules or ())
     if modules:
         family = replace(family, target_modules=tuple(modules))
     if layers != "default":

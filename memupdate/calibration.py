@@ -169,7 +169,7 @@ def fit_with_holdout(points: list[LawPoint], **meta) -> ParametricMemoryLaw:
             continue
         predicted = partial.loss_reduction(held.rank, held.sequence_length)
         log_err.append(abs(float(log_errors(np.array([predicted]), [held])[0])))
-        after, recall = partial.predict(held.rank, held.sequence_length, held.loss_before_nats)
+        _, recall = partial.predict(held.rank, held.sequence_length, held.loss_before_nats)
         recall_err.append(abs(recall - held.fact_recall))
         if held.fact_recall < 1.0:
             limited.append(log_err[-1])

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from memupdate.adapter import ATTENTION_AND_MLP
+from memupdate.adapter import check_modules
 from memupdate.home import home
 
 
@@ -63,10 +63,7 @@ class ServiceConfig(BaseSettings):
     @field_validator("adapter_modules")
     @classmethod
     def _modules(cls, modules: list[str]) -> list[str]:
-        unknown = sorted(set(modules) - set(ATTENTION_AND_MLP))
-        if unknown:
-            raise ValueError(f"unknown projection(s) {unknown}; choose from {ATTENTION_AND_MLP}")
-        return modules
+        return check_modules(modules)
 
     @classmethod
     def load(cls, file: str | Path | None = None, **overrides) -> "ServiceConfig":
