@@ -171,7 +171,7 @@ def fit_with_holdout(points: list[LawPoint], **meta) -> ParametricMemoryLaw:
         log_err.append(abs(float(log_errors(np.array([predicted]), [held])[0])))
         _, recall = partial.predict(held.rank, held.sequence_length, held.loss_before_nats)
         recall_err.append(abs(recall - held.fact_recall))
-        if held.fact_recall < 1.0:
+        if not held.stopped:
             limited.append(log_err[-1])
     law.fit.update(
         {
@@ -200,7 +200,7 @@ def plot(law: ParametricMemoryLaw, path: Path) -> None:
         color = plt.cm.viridis(i / max(1, len(lengths) - 1))
         pts = [p for p in law.points if p.sequence_length == ell]
         for stopped, marker in ((False, "o"), (True, "^")):  # ^: MemFT stopped it, a lower bound
-            some = [p for p in pts if (p.fact_recall >= 1.0) == stopped]
+            some = [p for p in pts if p.stopped == stopped]
             left.scatter(
                 [p.rank for p in some], [p.loss_reduction for p in some], color=color, marker=marker
             )

@@ -58,6 +58,11 @@ class LawPoint:
     facts: int = 0  # facts the ℓ target tokens came in
 
     @property
+    def stopped(self) -> bool:
+        """Every fact recalled: MemFT stopped the run there, so its ΔL is a lower bound."""
+        return self.fact_recall >= 1.0
+
+    @property
     def loss_reduction(self) -> float:
         return self.loss_before_nats - self.loss_after_nats
 
@@ -216,7 +221,7 @@ def log_errors(predicted, points: list[LawPoint]) -> np.ndarray:
     """log predicted ΔL − log observed ΔL, censored: a run that recalled every fact was stopped
     by MemFT there, so its ΔL is a lower bound and a prediction above it is no error."""
     observed = np.array([p.loss_reduction for p in points], dtype=float)
-    stopped = np.array([p.fact_recall >= 1.0 for p in points], dtype=bool)
+    stopped = np.array([p.stopped for p in points], dtype=bool)
     error = np.log(np.maximum(predicted, 1e-9)) - np.log(observed)
     return np.where(stopped & (error > 0), 0.0, error)
 

@@ -68,15 +68,13 @@ def shipped_law_path(identity: ModelIdentity, family: AdapterFamily) -> Path:
 
 def find_law(identity: ModelIdentity, family: AdapterFamily) -> tuple[ParametricMemoryLaw, str]:
     """The law for this model and family; raises LawError naming what is missing."""
-    for path, label in (
-        (user_law_path(identity, family), None),
-        (shipped_law_path(identity, family), "shipped:"),
-    ):
+    user, shipped = user_law_path(identity, family), shipped_law_path(identity, family)
+    for path, shown in ((user, str(user)), (shipped, f"shipped:{shipped.name}")):
         if path.is_file():
             law = ParametricMemoryLaw.load(path)
             if law.family and law.family != family.to_dict():  # a file copied under a wrong name
                 raise LawError(f"{path} was fitted for another adapter family: {law.family}")
-            return law, f"{label}{path.name}" if label else str(path)
+            return law, shown
     raise LawError(
         f"no calibrated law for {identity.name} ({identity.digest}) with this adapter family; "
         f"run `memupdate calibrate` to fit one"
