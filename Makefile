@@ -45,6 +45,7 @@ proto: setup
 		proto/memupdate/v1/memupdate.proto
 
 lint: lint-docker
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 

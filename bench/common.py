@@ -6,9 +6,9 @@ import sys
 
 import torch
 
-from memupdate.base_model import load_model, prepare_default_model, resolve_model_dir
-from memupdate.encoding import encode_facts, model_context_length
-from memupdate.phonebook import phonebook_facts
+from memupdate.memory.base_model import load_model, prepare_default_model, resolve_model_dir
+from memupdate.memory.encoding import encode_facts, model_context_length
+from memupdate.memory.phonebook import phonebook_facts
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -38,8 +38,8 @@ def setup(args):
 
 def train(load, facts, rank: int, seed: int, max_steps: int, mode: str = "memft"):
     """One training of a fresh base model with the default family; the TrainResult."""
-    from memupdate.adapter import default_family
-    from memupdate.memft import TrainSettings, train_adapter
+    from memupdate.memory.adapter import default_family
+    from memupdate.memory.memft import TrainSettings, train_adapter
 
     model, tok = load()
     family = default_family(model.config.num_hidden_layers)

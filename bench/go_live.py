@@ -14,15 +14,15 @@ from pathlib import Path
 import torch
 from common import setup
 
-from memupdate.adapter import default_family
-from memupdate.encoding import encode_facts, model_context_length
-from memupdate.facts import load_facts
-from memupdate.memft import TrainSettings, train_adapter
-from memupdate.recall import token_probabilities
-from memupdate.registry import Registry
-from memupdate.serving import ManagedBackend, verify_and_go_live
-from memupdate.vllm_client import serving_recall
-from memupdate.vllm_server import ManagedVLLM, ServerConfig
+from memupdate.memory.adapter import default_family
+from memupdate.memory.encoding import encode_facts, model_context_length
+from memupdate.memory.facts import load_facts
+from memupdate.memory.memft import TrainSettings, train_adapter
+from memupdate.memory.recall import token_probabilities
+from memupdate.serving.backends import ManagedBackend, verify_and_go_live
+from memupdate.serving.registry import Registry
+from memupdate.serving.vllm_client import serving_recall
+from memupdate.serving.vllm_server import ManagedVLLM, ServerConfig
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "new_facts.jsonl"
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import least_squares
 
-from memupdate.calibration import load_points
-from memupdate.law import log_errors
+from memupdate.memory.calibration import load_points
+from memupdate.memory.law import log_errors
 
 FORMS = {"full": (True, True), "rank-free": (False, True), "power": (True, False)}
 FORMS["rank-free pow"] = (False, False)

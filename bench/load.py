@@ -28,7 +28,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from service_process import ServiceProcess, free_port  # noqa: E402
 
-from memupdate.phonebook import phonebook_facts  # noqa: E402
+from memupdate.memory.phonebook import phonebook_facts  # noqa: E402
 from memupdate.v1 import memupdate_pb2 as pb  # noqa: E402
 
 DEADLINE_S = 5.0
@@ -213,7 +213,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=60)
     args = parser.parse_args()
-    from memupdate.tiny_model import prepare_tiny_model
+    from memupdate.memory.tiny_model import prepare_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         proc = start_service(Path(tmp), prepare_tiny_model())

@@ -11,9 +11,9 @@ cross 0.5.
 import torch
 from common import parser, setup
 
-from memupdate.adapter import default_family
-from memupdate.memft import TrainSettings, train_adapter
-from memupdate.recall import PASS_PROBABILITY, token_probabilities
+from memupdate.memory.adapter import default_family
+from memupdate.memory.memft import TrainSettings, train_adapter
+from memupdate.memory.recall import PASS_PROBABILITY, token_probabilities
 
 
 def main() -> None:

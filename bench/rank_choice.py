@@ -13,13 +13,13 @@ instead, the oracle's literal definition.
 
 from common import parser, setup
 
-from memupdate.adapter import RANK_LADDER, AdapterFamily, params_per_rank
-from memupdate.calibration import budget_steps, phonebook_source
-from memupdate.encoding import encode_facts, model_context_length
-from memupdate.law import ParametricMemoryLaw, UnreachableTarget
-from memupdate.memft import TrainSettings, train_adapter
-from memupdate.phonebook import DIGIT_BITS
-from memupdate.recall import measure_recall
+from memupdate.memory.adapter import RANK_LADDER, AdapterFamily, params_per_rank
+from memupdate.memory.calibration import budget_steps, phonebook_source
+from memupdate.memory.encoding import encode_facts, model_context_length
+from memupdate.memory.law import ParametricMemoryLaw, UnreachableTarget
+from memupdate.memory.memft import TrainSettings, train_adapter
+from memupdate.memory.phonebook import DIGIT_BITS
+from memupdate.memory.recall import measure_recall
 
 CASES = [(110, 1.0), (220, 0.9), (330, 0.5), (330, 1.0), (440, 0.9), (660, 0.8)]
 FRESH_SEED = 1000  # calibration used seeds 0..; these facts are new to the law

@@ -11,8 +11,8 @@ ratios against the largest rank (the old fallback) measured in the same run.
 
 from common import parser, setup, train
 
-from memupdate.encoding import encode_facts, model_context_length
-from memupdate.facts import load_facts
+from memupdate.memory.encoding import encode_facts, model_context_length
+from memupdate.memory.facts import load_facts
 
 
 def main() -> None:

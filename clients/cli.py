@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 
 from clients.client import MemupdateClient
-from memupdate.facts import FactError, load_facts
+from memupdate.memory.facts import FactError, load_facts
 from memupdate.v1 import memupdate_pb2 as pb
 
 
@@ -118,7 +118,7 @@ def _watch(client: MemupdateClient, job_id: str) -> pb.Job:
     return client.job(job_id)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memupdate-client",
         description=__doc__,
@@ -158,7 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("job_id")
     w = sub.add_parser("watch")
     w.add_argument("job_id")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     ca = Path(args.ca_cert).read_bytes() if args.ca_cert else None
     client = MemupdateClient(args.server, args.token, ca, timeout_s=args.timeout)

@@ -28,7 +28,7 @@ def to_fact(fact: FactLike) -> pb.Fact:
         return fact
     if isinstance(fact, tuple):
         return pb.Fact(prompt=fact[0], target=fact[1])
-    if hasattr(fact, "model_dump"):  # memupdate.facts.Fact
+    if hasattr(fact, "model_dump"):  # memupdate.memory.facts.Fact
         fact = fact.model_dump(exclude_none=True, exclude={"source"})
     return pb.Fact(**fact)
 

@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from clients.client import MemupdateClient
-from memupdate.facts import load_facts
+from memupdate.memory.facts import load_facts
 from memupdate.v1 import memupdate_pb2 as pb
 
 FACTS = Path(__file__).resolve().parent / "new_facts.jsonl"

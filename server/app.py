@@ -12,18 +12,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from memupdate.adapter import choose_family
-from memupdate.base_model import load_model, model_identity, resolve_model_dir
-from memupdate.config import ServiceConfig
-from memupdate.jobs import JobStore
-from memupdate.metrics import REPLICA_UP, register_collectors, unregister_collectors
-from memupdate.monitor import MonitorSettings, RecallMonitor
-from memupdate.registry import Registry
-from memupdate.serving import ExternalBackend, ManagedBackend, ServingBackend, restore_live
-from memupdate.update import Runtime
+from memupdate.memory.adapter import choose_family
+from memupdate.memory.base_model import load_model, model_identity, resolve_model_dir
+from memupdate.service.config import ServiceConfig
+from memupdate.service.jobs import JobStore
+from memupdate.service.metrics import REPLICA_UP, register_collectors, unregister_collectors
+from memupdate.service.monitor import MonitorSettings, RecallMonitor
+from memupdate.service.update import Runtime
+from memupdate.service.worker import Worker
+from memupdate.serving.backends import ExternalBackend, ManagedBackend, ServingBackend, restore_live
+from memupdate.serving.registry import Registry
+from memupdate.serving.vllm_server import ManagedVLLM, ServerConfig
 from memupdate.v1 import memupdate_pb2, memupdate_pb2_grpc
-from memupdate.vllm_server import ManagedVLLM, ServerConfig
-from memupdate.worker import Worker
 from server.auth import AuthInterceptor
 from server.servicer import Servicer
 

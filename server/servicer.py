@@ -7,17 +7,18 @@ import time
 
 import grpc
 
-from memupdate import jobs as J
-from memupdate.facts import FactError
-from memupdate.law import LawError
-from memupdate.metrics import forget_knowledge_base, worst_fact_recall
-from memupdate.monitor import RecallMonitor
-from memupdate.registry import RegistryError
-from memupdate.serving import rollback, verify_and_go_live
-from memupdate.update import Runtime, UpdateRequest, plan, prepare
+from memupdate.memory.facts import FactError
+from memupdate.memory.law import LawError
+from memupdate.service import jobs as J
+from memupdate.service.metrics import forget_knowledge_base
+from memupdate.service.monitor import RecallMonitor
+from memupdate.service.update import Runtime, UpdateRequest, plan, prepare
+from memupdate.serving.backends import rollback, verify_and_go_live
+from memupdate.serving.probes import worst_fact_recall
+from memupdate.serving.registry import RegistryError
+from memupdate.serving.vllm_client import ServingError, serving_recall, worst_replica
 from memupdate.v1 import memupdate_pb2 as pb
 from memupdate.v1 import memupdate_pb2_grpc as pb_grpc
-from memupdate.vllm_client import ServingError, serving_recall, worst_replica
 from server.validation import (
     InvalidRequest,
     PlanRequest,

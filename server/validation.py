@@ -4,8 +4,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from memupdate.facts import Fact, FactError, parse_fact
-from memupdate.registry import RegistryError, validate_name
+from memupdate.memory.facts import Fact, FactError, parse_fact
+from memupdate.serving.registry import RegistryError, validate_name
 
 KbName = Annotated[str, Field(min_length=1, max_length=63)]
 

@@ -14,7 +14,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def tiny_dir():
-    from memupdate.tiny_model import prepare_tiny_model
+    from memupdate.memory.tiny_model import prepare_tiny_model
 
     return prepare_tiny_model()
 
@@ -22,20 +22,20 @@ def tiny_dir():
 @pytest.fixture()
 def tiny(tiny_dir):
     """A fresh tiny model per test (training wraps it in place)."""
-    from memupdate.base_model import load_model
+    from memupdate.memory.base_model import load_model
 
     return load_model(tiny_dir)
 
 
 @pytest.fixture(scope="session")
 def default_dir():
-    from memupdate.base_model import prepare_default_model
+    from memupdate.memory.base_model import prepare_default_model
 
     return prepare_default_model()
 
 
 @pytest.fixture()
 def default(default_dir):
-    from memupdate.base_model import load_model
+    from memupdate.memory.base_model import load_model
 
     return load_model(default_dir)

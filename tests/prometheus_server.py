@@ -39,7 +39,7 @@ class PrometheusServer:
 
     def start(self, timeout_s: float = 60) -> "PrometheusServer":
         binary = shutil.which("prometheus")
-        assert binary, "prometheus is not installed (make setup installs Debian's package)"
+        assert binary, "prometheus is not installed (make test installs Debian's package)"
         self.process = subprocess.Popen(
             [
                 binary,

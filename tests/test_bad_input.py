@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from service_process import ServiceProcess, free_port
 
-from memupdate.adapter import AdapterMismatch, check_adapter_for_model, default_family
-from memupdate.facts import CONTROL_CHARACTERS, FactError, load_facts
+from memupdate.memory.adapter import AdapterMismatch, check_adapter_for_model, default_family
+from memupdate.memory.facts import CONTROL_CHARACTERS, FactError, load_facts
 from memupdate.v1 import memupdate_pb2 as pb
 
 NOWHERE = f"http://127.0.0.1:{free_port()}"
@@ -107,7 +107,7 @@ def tiny_adapter(tiny_dir, tmp_path_factory):
     """A real (untrained) LoRA adapter of the default family for the tiny model."""
     from peft import get_peft_model
 
-    from memupdate.base_model import load_model
+    from memupdate.memory.base_model import load_model
 
     model, _ = load_model(tiny_dir)
     out = tmp_path_factory.mktemp("adapter") / "tiny-r4"

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from memupdate.calibration import load_points
 from memupdate.cli import main
-from memupdate.law import LawError, ParametricMemoryLaw
+from memupdate.memory.calibration import load_points
+from memupdate.memory.law import LawError, ParametricMemoryLaw
 
 
 def test_calibrate_writes_a_law_that_reloads_predicts_and_resumes(
@@ -74,10 +74,10 @@ def test_calibrate_writes_a_law_that_reloads_predicts_and_resumes(
 def test_an_epoch_budget_and_a_narrow_family_make_their_own_law(tiny_dir, tmp_path, monkeypatch):
     """--epochs gives each run epochs x batches steps (more facts, more steps); --modules makes
     a family of its own, installed under its own name and found only for that family."""
-    from memupdate.adapter import choose_family
-    from memupdate.base_model import model_identity
-    from memupdate.calibration import budget_steps
-    from memupdate.planning import find_law, user_law_path
+    from memupdate.memory.adapter import choose_family
+    from memupdate.memory.base_model import model_identity
+    from memupdate.memory.calibration import budget_steps
+    from memupdate.memory.planning import find_law, user_law_path
 
     monkeypatch.setenv("MEMUPDATE_HOME", str(tmp_path / "home"))
     out = tmp_path / "cal"
@@ -104,7 +104,7 @@ def test_an_epoch_budget_and_a_narrow_family_make_their_own_law(tiny_dir, tmp_pa
 
 
 def test_calibrate_on_a_users_fact_file(tiny_dir, tmp_path, monkeypatch, capsys):
-    from memupdate.facts import Fact, write_facts
+    from memupdate.memory.facts import Fact, write_facts
 
     monkeypatch.setenv("MEMUPDATE_HOME", str(tmp_path / "home"))
     cities = ["Avalon", "Brightwater", "Cold Harbor", "Dunmore", "Eastwick", "Fairhaven"]

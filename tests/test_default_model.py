@@ -2,12 +2,12 @@
 
 import pytest
 
-from memupdate.adapter import default_family
-from memupdate.base_model import IDENTITY_FILE, load_model, model_identity
-from memupdate.encoding import encode_facts, model_context_length
-from memupdate.memft import TrainSettings, train_adapter
-from memupdate.phonebook import phonebook_facts
-from memupdate.recall import greedy_check, measure_recall
+from memupdate.memory.adapter import default_family
+from memupdate.memory.base_model import IDENTITY_FILE, load_model, model_identity
+from memupdate.memory.encoding import encode_facts, model_context_length
+from memupdate.memory.memft import TrainSettings, train_adapter
+from memupdate.memory.phonebook import phonebook_facts
+from memupdate.memory.recall import greedy_check, measure_recall
 
 pytestmark = pytest.mark.slow
 

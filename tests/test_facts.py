@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from memupdate.encoding import encode_facts, sequence_length
-from memupdate.facts import Fact, FactError, check_fact_count, load_facts
-from memupdate.phonebook import phonebook_facts
+from memupdate.memory.encoding import encode_facts, sequence_length
+from memupdate.memory.facts import Fact, FactError, check_fact_count, load_facts
+from memupdate.memory.phonebook import phonebook_facts
 
 
 def write(tmp_path, lines):

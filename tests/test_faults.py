@@ -15,8 +15,9 @@ import grpc
 import pytest
 from openai_api import ask
 from service_process import ServiceProcess, free_port
+from tools import tool_missing
 
-from memupdate.phonebook import phonebook_facts
+from memupdate.memory.phonebook import phonebook_facts
 from memupdate.v1 import memupdate_pb2 as pb
 
 NOWHERE = f"http://127.0.0.1:{free_port()}"
@@ -60,6 +61,38 @@ def test_damaged_database_stops_start_up_and_is_left_alone(tiny_dir, tmp_path, d
     assert path.read_bytes() == damaged  # nothing was changed
 
 
+def test_worker_survives_a_job_database_error_and_takes_the_job_after_it(tmp_path, caplog):
+    """The job database breaks under a running worker (its file overwritten, as a damaged disk
+    would): the worker logs, waits and retries instead of dying, and takes the queued job once
+    the file is whole again."""
+    from memupdate.service.jobs import LIVE, JobStore
+    from memupdate.service.worker import Worker
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    with sqlite3.connect(store.path) as db:  # fold the WAL in, so the main file holds it all
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    whole = store.path.read_bytes()
+    store.path.write_bytes(b"this is not a database" * 200)
+
+    class RecordingWorker(Worker):  # training is not what this test is about
+        def run_job(self, job):
+            self.store.finish(job.id, LIVE, "taken after the database came back")
+
+    worker = RecordingWorker(store, runtime=None, retry_s=0.2)
+    worker.start()
+    try:
+        wait_for(lambda: "job database error" in caplog.text, 10, "the worker to log the error")
+        assert worker.is_alive()
+        store.path.write_bytes(whole)
+        job, _ = store.create("kb", {"facts": []}, None, max_queued=10)
+        wait_for(lambda: store.get(job.id).state == LIVE, 10, "the worker to take the job")
+        assert worker.is_alive()
+    finally:
+        worker.stop()
+        worker.join(timeout=10)
+    assert not worker.is_alive()
+
+
 def test_locked_database_stops_start_up_naming_the_cause(tiny_dir, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -87,7 +120,7 @@ def mount_tmpfs(folder: Path, size: str) -> None:
         text=True,
     )
     if out.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {out.stderr.strip()}")
+        tool_missing(f"cannot mount a tmpfs here (needs root): {out.stderr.strip()}")
 
 
 def fill(folder: Path, leave_bytes: int) -> Path:
@@ -168,14 +201,14 @@ def test_probe_without_vllm_is_a_failure_and_replica_down_not_a_recall_drop(tiny
     from peft import get_peft_model
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from memupdate.adapter import default_family
-    from memupdate.base_model import load_model
-    from memupdate.encoding import encode_facts
-    from memupdate.facts import Fact
-    from memupdate.metrics import PROBE_FAILURES, REPLICA_UP, KnowledgeBaseCollector
-    from memupdate.monitor import MonitorSettings, RecallMonitor
-    from memupdate.registry import Registry
-    from memupdate.serving import ExternalBackend
+    from memupdate.memory.adapter import default_family
+    from memupdate.memory.base_model import load_model
+    from memupdate.memory.encoding import encode_facts
+    from memupdate.memory.facts import Fact
+    from memupdate.service.metrics import PROBE_FAILURES, REPLICA_UP, KnowledgeBaseCollector
+    from memupdate.service.monitor import MonitorSettings, RecallMonitor
+    from memupdate.serving.backends import ExternalBackend
+    from memupdate.serving.registry import Registry
 
     model, tok = load_model(tiny_dir)
     family = default_family(model.config.num_hidden_layers)
@@ -210,7 +243,7 @@ def test_probe_without_vllm_is_a_failure_and_replica_down_not_a_recall_drop(tiny
 # --- vLLM gone during the serving check, then back -------------------------------------------
 @pytest.mark.vllm
 def test_job_waits_for_vllm_and_goes_live_when_it_returns(tiny_dir, tmp_path):
-    from memupdate.vllm_server import ManagedVLLM, ServerConfig
+    from memupdate.serving.vllm_server import ManagedVLLM, ServerConfig
 
     port = free_port()
     proc = ServiceProcess(

@@ -3,7 +3,13 @@ import math
 import numpy as np
 import pytest
 
-from memupdate.law import FLAT_TOLERANCE, LawError, LawPoint, ParametricMemoryLaw, UnreachableTarget
+from memupdate.memory.law import (
+    FLAT_TOLERANCE,
+    LawError,
+    LawPoint,
+    ParametricMemoryLaw,
+    UnreachableTarget,
+)
 
 TRUE = {"C": 10.0, "alpha": 0.45, "beta": 0.6, "b": 0.05}
 
@@ -114,9 +120,9 @@ def _add_points(args):
     import os
 
     os.environ["MEMUPDATE_HOME"] = home
-    from memupdate.adapter import AdapterFamily
-    from memupdate.base_model import ModelIdentity
-    from memupdate.planning import record_training
+    from memupdate.memory.adapter import AdapterFamily
+    from memupdate.memory.base_model import ModelIdentity
+    from memupdate.memory.planning import record_training
 
     for i in range(start, start + 5):
         point = LawPoint(4, 1000 + i, 3.0, 1.0, 0.5, source=f"w{i}")
@@ -126,9 +132,9 @@ def _add_points(args):
 def test_concurrent_refinements_lose_no_point(tmp_path, monkeypatch):
     import multiprocessing
 
-    from memupdate.adapter import AdapterFamily
-    from memupdate.base_model import ModelIdentity
-    from memupdate.planning import record_training, user_law_path
+    from memupdate.memory.adapter import AdapterFamily
+    from memupdate.memory.base_model import ModelIdentity
+    from memupdate.memory.planning import record_training, user_law_path
 
     monkeypatch.setenv("MEMUPDATE_HOME", str(tmp_path))
     identity, family = ModelIdentity("m", "d"), AdapterFamily(layers=(1,))
@@ -146,11 +152,11 @@ def test_concurrent_refinements_lose_no_point(tmp_path, monkeypatch):
 
 
 def test_plan_takes_the_best_rank_when_no_rank_is_predicted_to_reach(tiny):
-    from memupdate.adapter import default_family
-    from memupdate.base_model import ModelIdentity
-    from memupdate.encoding import encode_facts
-    from memupdate.phonebook import phonebook_facts
-    from memupdate.planning import plan_update
+    from memupdate.memory.adapter import default_family
+    from memupdate.memory.base_model import ModelIdentity
+    from memupdate.memory.encoding import encode_facts
+    from memupdate.memory.phonebook import phonebook_facts
+    from memupdate.memory.planning import plan_update
 
     model, tok = tiny
     facts = encode_facts(phonebook_facts(5), tok, 256)
@@ -186,9 +192,9 @@ def test_a_law_flat_in_rank_falls_back_to_the_smallest_rank():
 def test_only_trainings_within_the_law_budget_refine_it(tmp_path, monkeypatch):
     """A job that trained past the law's budget is not a point of the law: with an epoch budget
     of 10, 40 facts (3 batches) allow 30 steps."""
-    from memupdate.adapter import AdapterFamily
-    from memupdate.base_model import ModelIdentity
-    from memupdate.planning import record_training, user_law_path
+    from memupdate.memory.adapter import AdapterFamily
+    from memupdate.memory.base_model import ModelIdentity
+    from memupdate.memory.planning import record_training, user_law_path
 
     monkeypatch.setenv("MEMUPDATE_HOME", str(tmp_path))
     identity, family = ModelIdentity("m", "d"), AdapterFamily(layers=(1,))
@@ -206,9 +212,9 @@ def test_only_trainings_within_the_law_budget_refine_it(tmp_path, monkeypatch):
 def test_a_law_file_for_another_family_is_refused(tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from memupdate.adapter import AdapterFamily
-    from memupdate.base_model import ModelIdentity
-    from memupdate.planning import find_law, user_law_path
+    from memupdate.memory.adapter import AdapterFamily
+    from memupdate.memory.base_model import ModelIdentity
+    from memupdate.memory.planning import find_law, user_law_path
 
     monkeypatch.setenv("MEMUPDATE_HOME", str(tmp_path))
     identity, family = ModelIdentity("m", "d"), AdapterFamily(layers=(1,))

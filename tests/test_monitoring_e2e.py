@@ -12,9 +12,9 @@ from prometheus_server import PrometheusServer
 from service_process import ServiceProcess, is_loopback, listening_addresses
 
 from clients.cli import main as cli_main
-from memupdate.phonebook import phonebook_facts
+from memupdate.memory.phonebook import phonebook_facts
+from memupdate.serving.vllm_client import VLLMClient
 from memupdate.v1 import memupdate_pb2 as pb
-from memupdate.vllm_client import VLLMClient
 
 pytestmark = pytest.mark.vllm
 FACTS = [(f.prompt, f.target) for f in phonebook_facts(4, seed=41)]
@@ -35,8 +35,8 @@ def untrained_adapter(model_dir, out, rank: int = 8):
     """A LoRA adapter of the service's family whose B matrices are zero: the base model."""
     from peft import get_peft_model
 
-    from memupdate.adapter import default_family
-    from memupdate.base_model import load_model
+    from memupdate.memory.adapter import default_family
+    from memupdate.memory.base_model import load_model
 
     model, _ = load_model(model_dir)
     family = default_family(model.config.num_hidden_layers)

@@ -3,11 +3,17 @@ from dataclasses import replace
 import pytest
 import torch
 
-from memupdate.adapter import default_family, params_per_rank
-from memupdate.encoding import encode_facts
-from memupdate.memft import TrainSettings, memft_loss, train_adapter
-from memupdate.phonebook import phonebook_facts
-from memupdate.recall import collate, greedy_check, measure_recall, summarize, target_logprobs
+from memupdate.memory.adapter import default_family, params_per_rank
+from memupdate.memory.encoding import encode_facts
+from memupdate.memory.memft import TrainSettings, memft_loss, train_adapter
+from memupdate.memory.phonebook import phonebook_facts
+from memupdate.memory.recall import (
+    collate,
+    greedy_check,
+    measure_recall,
+    summarize,
+    target_logprobs,
+)
 
 
 def encoded(tok, n=10, seed=1):
@@ -91,7 +97,7 @@ def test_budget_exhaustion_reports_what_is_missing(tiny):
 
 
 def test_training_is_seeded_and_deterministic(tiny_dir):
-    from memupdate.base_model import load_model
+    from memupdate.memory.base_model import load_model
 
     weights = []
     for _ in range(2):

@@ -3,7 +3,7 @@ import sqlite3
 
 import pytest
 
-from memupdate.registry import Registry, RegistryError, validate_name
+from memupdate.serving.registry import Registry, RegistryError, validate_name
 
 
 def fake_adapter(folder, rank=4, payload=b"weights"):

@@ -9,21 +9,21 @@ from dataclasses import replace
 import pytest
 from openai_api import ask
 
-from memupdate.adapter import choose_family, default_family
-from memupdate.base_model import load_model
-from memupdate.encoding import encode_facts
-from memupdate.facts import Fact
-from memupdate.memft import TrainSettings, train_adapter
-from memupdate.phonebook import phonebook_facts
-from memupdate.registry import Registry
-from memupdate.serving import (
+from memupdate.memory.adapter import choose_family, default_family
+from memupdate.memory.base_model import load_model
+from memupdate.memory.encoding import encode_facts
+from memupdate.memory.facts import Fact
+from memupdate.memory.memft import TrainSettings, train_adapter
+from memupdate.memory.phonebook import phonebook_facts
+from memupdate.serving.backends import (
     ExternalBackend,
     ManagedBackend,
     RankLimitError,
     rollback,
     verify_and_go_live,
 )
-from memupdate.vllm_server import ManagedVLLM, ServerConfig
+from memupdate.serving.registry import Registry
+from memupdate.serving.vllm_server import ManagedVLLM, ServerConfig
 
 pytestmark = pytest.mark.vllm
 
@@ -191,7 +191,7 @@ def test_base_requests_never_get_adapter_output_while_slots_are_full(stack, adap
 
 def test_cli_publish_serve_check_against_an_external_replica(stack, tiny_dir, tmp_path, capsys):
     from memupdate.cli import main
-    from memupdate.facts import write_facts
+    from memupdate.memory.facts import write_facts
 
     _, backend, _ = stack
     url = backend.server.client.url

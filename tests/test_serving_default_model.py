@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 from openai_api import ask
 
-from memupdate.adapter import default_family
-from memupdate.encoding import encode_facts, model_context_length
-from memupdate.facts import load_facts
-from memupdate.memft import TrainSettings, train_adapter
-from memupdate.recall import measure_recall
-from memupdate.registry import Registry
-from memupdate.serving import ManagedBackend, verify_and_go_live
-from memupdate.vllm_server import ManagedVLLM, ServerConfig
+from memupdate.memory.adapter import default_family
+from memupdate.memory.encoding import encode_facts, model_context_length
+from memupdate.memory.facts import load_facts
+from memupdate.memory.memft import TrainSettings, train_adapter
+from memupdate.memory.recall import measure_recall
+from memupdate.serving.backends import ManagedBackend, verify_and_go_live
+from memupdate.serving.registry import Registry
+from memupdate.serving.vllm_server import ManagedVLLM, ServerConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "new_facts.jsonl"

@@ -3,12 +3,13 @@ variables and an optional JSON file (flags win over the environment, which wins 
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from memupdate.adapter import check_modules
 from memupdate.home import home
+from memupdate.memory.adapter import check_modules
 
 
 class ServiceConfig(BaseSettings):
@@ -19,8 +20,9 @@ class ServiceConfig(BaseSettings):
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 50051
     metrics_port: int = 9464
-    # External vLLM replicas; empty = a managed local server.
-    vllm_urls: list[str] = []
+    # External vLLM replicas; empty = a managed local server. MEMUPDATE_VLLM_URLS takes the same
+    # comma list as the `publish`/`serve-check`/`rollback` commands (or a JSON list).
+    vllm_urls: Annotated[list[str], NoDecode] = []
     # The managed server's OpenAI API address (what applications call); port 0 = any free one.
     vllm_host: str = "127.0.0.1"
     vllm_port: int = Field(default=0, ge=0, le=65535)
@@ -39,7 +41,7 @@ class ServiceConfig(BaseSettings):
     max_concurrent_rpcs: int = Field(default=256, ge=1)
     default_max_steps: int = 2000
     # The adapter family every job trains (and whose law plans the rank): empty / None keep the
-    # default family's modules and learning rate (memupdate.adapter.default_family).
+    # default family's modules and learning rate (memupdate.memory.adapter.default_family).
     adapter_modules: list[str] = []
     adapter_learning_rate: float | None = Field(default=None, gt=0)
     # How long a job waits for unreachable vLLM replicas (retrying with backoff) before failing.
@@ -59,6 +61,14 @@ class ServiceConfig(BaseSettings):
         if bad:
             raise ValueError(f"auth token roles must be 'writer' or 'reader', got {sorted(bad)}")
         return tokens
+
+    @field_validator("vllm_urls", mode="before")
+    @classmethod
+    def _urls(cls, urls):
+        if isinstance(urls, str):
+            text = urls.strip()
+            return json.loads(text) if text.startswith("[") else [u for u in text.split(",") if u]
+        return urls
 
     @field_validator("adapter_modules")
     @classmethod

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memupdate.database import check_database, connect
-from memupdate.facts import Fact, load_facts, write_facts
+from memupdate.memory.facts import Fact, load_facts, write_facts
 
 FACTS_FILE = "facts.jsonl"
 PROBES_KEPT = 1000

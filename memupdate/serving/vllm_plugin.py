@@ -18,7 +18,7 @@ def register() -> None:
     from vllm.lora.request import LoRARequest
     from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
-    from memupdate.registry import Registry, RegistryError
+    from memupdate.serving.registry import Registry, RegistryError
 
     root = os.environ.get(REGISTRY_ENV)
     if not root:

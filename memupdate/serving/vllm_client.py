@@ -7,8 +7,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from memupdate.encoding import EncodedFact
-from memupdate.recall import RecallReport, summarize
+from memupdate.memory.encoding import EncodedFact
+from memupdate.memory.recall import RecallReport, summarize
 
 
 class ServingError(RuntimeError):

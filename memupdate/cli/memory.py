@@ -1,73 +1,29 @@
-"""`memupdate` command line: prepare the model, plan an update, train an adapter."""
+"""Library commands (no service needed): model prepare, phonebook, plan, train, compare,
+calibrate."""
 
-import argparse
 import json
-import os
 import shutil
-import sys
 import tempfile
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
-from memupdate.adapter import (
-    AdapterFamily,
-    check_adapter_for_model,
-    choose_family,
+from memupdate.cli.common import Base, add_model_args, parse_ints
+from memupdate.memory.adapter import (
     params_per_rank,
 )
-from memupdate.base_model import (
-    ModelError,
+from memupdate.memory.base_model import (
     load_model,
     model_identity,
     prepare_default_model,
-    resolve_model_dir,
 )
-from memupdate.encoding import encode_facts, model_context_length, sequence_length
-from memupdate.facts import DEFAULT_MAX_FACTS, FactError, load_facts, write_facts
-from memupdate.home import home
-from memupdate.jobs import JobStoreError
-from memupdate.law import LawError, LawPoint
-from memupdate.memft import DEFAULT_MARGIN, MODES, Progress, TrainSettings, train_adapter
-from memupdate.phonebook import phonebook_facts
-from memupdate.planning import DEFAULT_MAX_RANK, plan_update, record_training
-from memupdate.recall import greedy_check, greedy_continuation, locality, measure_recall
-from memupdate.tiny_model import prepare_tiny_model
-from memupdate.vllm_client import ServingError
-
-
-class Base:
-    """A loaded base model with what every command needs beside it."""
-
-    def __init__(self, model_arg: str | None):
-        self.folder = resolve_model_dir(model_arg)
-        self.identity = model_identity(self.folder)
-        self.model, self.tokenizer = load_model(self.folder)
-        self.pad_id = self.tokenizer.pad_token_id
-
-    def encode_facts(self, facts):
-        return encode_facts(facts, self.tokenizer, model_context_length(self.model))
-
-    def encode(self, path: str, max_facts: int):
-        return self.encode_facts(load_facts(path, max_facts=max_facts))
-
-    def family(self, args) -> AdapterFamily:
-        layers = "default"
-        if args.layers:
-            layers = None if args.layers == "all" else tuple(int(x) for x in args.layers.split(","))
-        modules = tuple(args.modules.split(",")) if args.modules else None
-        return choose_family(self.model.config.num_hidden_layers, modules, layers, args.lr)
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="local Hugging Face model folder (default: SmolLM2-135M)")
-    p.add_argument("--max-facts", type=int, default=DEFAULT_MAX_FACTS)
-    p.add_argument("--layers", help="layers to adapt: comma list or 'all' (default: 2/3 depth)")
-    p.add_argument("--lr", type=float, help="learning rate (default: the family's)")
-    p.add_argument(
-        "--modules",
-        help="projections to adapt, comma list (default: all attention and MLP projections)",
-    )
+from memupdate.memory.encoding import sequence_length
+from memupdate.memory.facts import FactError, write_facts
+from memupdate.memory.law import LawError, LawPoint
+from memupdate.memory.memft import DEFAULT_MARGIN, MODES, Progress, TrainSettings, train_adapter
+from memupdate.memory.phonebook import phonebook_facts
+from memupdate.memory.planning import DEFAULT_MAX_RANK, plan_update, record_training
+from memupdate.memory.recall import greedy_check, greedy_continuation, locality, measure_recall
+from memupdate.memory.tiny_model import prepare_tiny_model
 
 
 def cmd_model_prepare(args) -> int:
@@ -261,7 +217,7 @@ def cmd_compare(args) -> int:
 def cmd_calibrate(args) -> int:
     from tqdm import tqdm
 
-    from memupdate.calibration import (
+    from memupdate.memory.calibration import (
         Grid,
         calibrate,
         file_source,
@@ -269,14 +225,14 @@ def cmd_calibrate(args) -> int:
         phonebook_source,
         plot,
     )
-    from memupdate.planning import shipped_law_path, user_law_path
+    from memupdate.memory.planning import shipped_law_path, user_law_path
 
     base = Base(args.model)
     family = base.family(args)
     grid = Grid(
-        ranks=_ints(args.ranks),
-        lengths=_ints(args.lengths),
-        seeds=_ints(args.seeds),
+        ranks=parse_ints(args.ranks),
+        lengths=parse_ints(args.lengths),
+        seeds=parse_ints(args.seeds),
         steps=None if args.epochs else args.steps,
         epochs=args.epochs,
         facts=f"file:{Path(args.facts).name}" if args.facts else "phonebook",
@@ -347,170 +303,7 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(","))
-
-
-def _registry(args):
-    from memupdate.registry import Registry
-
-    return Registry(Path(args.registry) if args.registry else home() / "registry")
-
-
-@contextmanager
-def _backend(args, model_folder: Path):
-    """External replicas from --vllm-url (or MEMUPDATE_VLLM_URLS), else a managed local server
-    that lives for this command."""
-    from memupdate.serving import ExternalBackend, ManagedBackend
-    from memupdate.vllm_server import ManagedVLLM, ServerConfig
-
-    urls = args.vllm_url or [u for u in os.environ.get("MEMUPDATE_VLLM_URLS", "").split(",") if u]
-    if urls:
-        yield ExternalBackend(urls, args.max_lora_rank)
-        return
-    server = ManagedVLLM(
-        ServerConfig(model=model_folder, max_lora_rank=args.max_lora_rank),
-        log_path=home() / "vllm.log",
-    )
-    print(f"starting a managed vLLM on 127.0.0.1:{server.port} (log: {home() / 'vllm.log'})")
-    with server:
-        yield ManagedBackend(server)
-
-
-def _print_serving(result_per_replica) -> None:
-    for url, r in result_per_replica.items():
-        rec = r.recall
-        print(
-            f"  {url}: fact recall {rec.fact_recall:.3f}, token recall {rec.token_recall:.3f}, "
-            f"lowest p {rec.min_prob:.3f} ({rec.min_prob_fact}); greedy exact "
-            f"{r.greedy_exact}/{r.greedy_checked}"
-        )
-
-
-def cmd_publish(args) -> int:
-    from memupdate.serving import verify_and_go_live
-
-    base = Base(args.model)
-    facts = load_facts(args.facts, max_facts=args.max_facts)
-    encoded = base.encode_facts(facts)
-    registry = _registry(args)
-    report_file = Path(args.adapter) / "report.json"
-    report = json.loads(report_file.read_text()) if report_file.exists() else {}
-    rank = check_adapter_for_model(args.adapter, base.folder)  # before starting any server
-    with _backend(args, base.folder) as backend:
-        backend.check_rank(rank)
-        version = registry.publish(
-            args.kb,
-            Path(args.adapter),
-            {"base_model": base.identity.to_dict(), "training": report},
-            facts,
-        )
-        print(f"published {args.kb} v{version.version} ({version.path})")
-        result = verify_and_go_live(
-            registry,
-            backend,
-            version,
-            encoded,
-            base.tokenizer,
-            args.target_recall,
-            greedy_limit=args.greedy_sample,
-        )
-        _print_serving(result.per_replica)
-        print(result.reason)
-    return 0 if result.live else 3
-
-
-def cmd_serve_check(args) -> int:
-    from memupdate.vllm_client import serving_recall
-
-    registry = _registry(args)
-    live = registry.live(args.kb)
-    if live is None:
-        raise FactError(f"knowledge base {args.kb!r} has no live version")
-    base = Base(args.model)
-    encoded = base.encode_facts(live.facts())
-    with _backend(args, base.folder) as backend:
-        backend.ensure_up(registry)
-        print(f"{args.kb} v{live.version}: {len(encoded)} facts, serving recall through vLLM:")
-        results = {
-            c.url: serving_recall(c, args.kb, encoded, base.tokenizer, args.greedy_sample)
-            for c in backend.replicas()
-        }
-        _print_serving(results)
-    return 0 if all(r.recall.fact_recall == 1.0 for r in results.values()) else 3
-
-
-def cmd_rollback(args) -> int:
-    from memupdate.serving import rollback
-
-    registry = _registry(args)
-    base_folder = resolve_model_dir(args.model)
-    with _backend(args, base_folder) as backend:
-        previous = rollback(registry, backend, args.kb)
-    print(f"{args.kb}: v{previous.version} is live again")
-    return 0
-
-
-def cmd_kbs(args) -> int:
-    registry = _registry(args)
-    for kb in registry.knowledge_bases():
-        live = registry.live(kb)
-        versions = registry.versions(kb)
-        print(
-            f"{kb}: live v{live.version if live else '-'}; versions "
-            + ", ".join(
-                f"v{v.version}(r={v.rank}{', verified' if v.serving else ''})" for v in versions
-            )
-        )
-    return 0
-
-
-def cmd_serve(args) -> int:
-    from memupdate.config import ServiceConfig
-    from memupdate.logs import configure
-    from server.app import serve
-
-    configure()
-    config = ServiceConfig.load(
-        args.config,
-        data_dir=args.data_dir,
-        model=args.model,
-        grpc_host=args.grpc_host,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        vllm_urls=args.vllm_url,
-        max_lora_rank=args.max_lora_rank,
-        probe_interval_s=args.probe_interval,
-        vllm_host=args.vllm_host,
-        vllm_port=args.vllm_port,
-        adapter_modules=args.adapter_modules.split(",") if args.adapter_modules else None,
-        adapter_learning_rate=args.adapter_lr,
-    )
-    serve(config)
-    return 0
-
-
-def _add_serving_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--registry", help="registry folder (default: $MEMUPDATE_HOME/registry)")
-    p.add_argument(
-        "--vllm-url",
-        action="append",
-        help="an existing vLLM replica (repeat for several); default: "
-        "$MEMUPDATE_VLLM_URLS, else a managed local server",
-    )
-    p.add_argument("--max-lora-rank", type=int, default=64, help="the servers' --max-lora-rank")
-    p.add_argument(
-        "--greedy-sample",
-        type=int,
-        default=64,
-        help="facts checked by greedy generation through serving",
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memupdate", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_commands(sub) -> None:
     model = sub.add_parser("model", help="base model management")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     prepare = model_sub.add_parser("prepare", help="convert the embedded default model once")
@@ -534,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serving limit (vLLM --max-lora-rank)",
     )
     plan.add_argument("--json", action="store_true")
-    _add_model_args(plan)
+    add_model_args(plan)
     plan.set_defaults(func=cmd_plan)
 
     train = sub.add_parser("train", help="train an adapter with MemFT (or the uniform baseline)")
@@ -558,14 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--force", action="store_true", help="replace an existing --out folder")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_model_args(train)
+    add_model_args(train)
     train.set_defaults(func=cmd_train)
 
     compare = sub.add_parser("compare", help="base vs adapter greedy answers for each fact")
     compare.add_argument("facts")
     compare.add_argument("--adapter", required=True, help="adapter folder written by `train`")
     compare.add_argument("--limit", type=int, default=20, help="facts to show")
-    _add_model_args(compare)
+    add_model_args(compare)
     compare.set_defaults(func=cmd_compare)
 
     cal = sub.add_parser("calibrate", help="fit the law from a grid of trainings (resumable)")
@@ -593,68 +386,5 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write it into the package data/laws (developers, for a release)",
     )
     cal.add_argument("--quiet", action="store_true")
-    _add_model_args(cal)
+    add_model_args(cal)
     cal.set_defaults(func=cmd_calibrate)
-
-    pub = sub.add_parser("publish", help="publish an adapter, verify it through vLLM, go live")
-    pub.add_argument("kb", help="knowledge base name (the model name clients ask vLLM for)")
-    pub.add_argument("adapter", help="adapter folder written by `train`")
-    pub.add_argument("facts", help="every fact the adapter holds (the whole knowledge base)")
-    pub.add_argument(
-        "--target-recall", type=float, default=1.0, help="serving fact recall required to go live"
-    )
-    _add_model_args(pub)
-    _add_serving_args(pub)
-    pub.set_defaults(func=cmd_publish)
-
-    check = sub.add_parser("serve-check", help="serving recall of a live knowledge base")
-    check.add_argument("kb")
-    _add_model_args(check)
-    _add_serving_args(check)
-    check.set_defaults(func=cmd_serve_check)
-
-    back = sub.add_parser("rollback", help="serve the previous verified version again")
-    back.add_argument("kb")
-    _add_model_args(back)
-    _add_serving_args(back)
-    back.set_defaults(func=cmd_rollback)
-
-    srv = sub.add_parser("serve", help="run the gRPC knowledge-update service")
-    srv.add_argument("--config", help="JSON file of settings (MEMUPDATE_* env vars also work)")
-    srv.add_argument("--data-dir")
-    srv.add_argument("--model", help="local HF model folder (default: SmolLM2-135M-Instruct)")
-    srv.add_argument("--grpc-host")
-    srv.add_argument("--grpc-port", type=int)
-    srv.add_argument("--metrics-port", type=int)
-    srv.add_argument("--vllm-url", action="append", help="external vLLM replica (repeatable)")
-    srv.add_argument("--max-lora-rank", type=int)
-    srv.add_argument("--vllm-host", help="managed vLLM's OpenAI API host (default 127.0.0.1)")
-    srv.add_argument("--vllm-port", type=int, help="managed vLLM's port (default: a free one)")
-    srv.add_argument(
-        "--probe-interval", type=float, help="seconds between recall probes (0 = on demand only)"
-    )
-    srv.add_argument(
-        "--adapter-modules",
-        help="projections each adapter trains, comma list (default: all attention and MLP); "
-        "the law is looked up for this family",
-    )
-    srv.add_argument("--adapter-lr", type=float, help="the adapter family's learning rate")
-    srv.set_defaults(func=cmd_serve)
-
-    kbs = sub.add_parser("kbs", help="list knowledge bases and their versions")
-    kbs.add_argument("--registry")
-    kbs.set_defaults(func=cmd_kbs)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (FactError, LawError, ModelError, ServingError, JobStoreError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,19 +13,19 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from memupdate.encoding import EncodedFact
-from memupdate.monitor import probe_record
-from memupdate.registry import Registry, Version
-from memupdate.vllm_client import (
+from memupdate.memory.encoding import EncodedFact
+from memupdate.serving.probes import probe_record
+from memupdate.serving.registry import Registry, Version
+from memupdate.serving.vllm_client import (
     ServingError,
     ServingRecall,
     VLLMClient,
     serving_recall,
     worst_replica,
 )
-from memupdate.vllm_server import ManagedVLLM
+from memupdate.serving.vllm_server import ManagedVLLM
 
-log = logging.getLogger("memupdate.serving")
+log = logging.getLogger("memupdate.serving.backends")
 
 
 class RankLimitError(ValueError):

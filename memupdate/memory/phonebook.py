@@ -8,7 +8,7 @@ import itertools
 import math
 import random
 
-from memupdate.facts import Fact
+from memupdate.memory.facts import Fact
 
 FIRST = (
     "Ada Alan Alice Amara Anton Aria Boris Bruno Carla Chen Clara Dario Dmitri Elena Emil Esme "

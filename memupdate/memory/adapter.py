@@ -16,12 +16,11 @@ RANK_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 class AdapterFamily:
     target_modules: tuple[str, ...] = ATTENTION_AND_MLP
     # Layer indices to adapt; None means every layer. A narrow placement makes capacity per
-    # rank small enough that the rank choice matters (DESIGN.md, "adapter family").
+    # rank small enough that the rank choice matters (docs/memory.md, "Adapter family").
     layers: tuple[int, ...] | None = None
     alpha: float = 32.0  # the paper's lora_alpha
-    # The paper uses 1e-2; on SmolLM2-135M with one adapted layer that made recalled facts flip
-    # back and forth. 12 phonebook facts at rank 4 reached full recall in 227 steps at 2e-3
-    # and in 131 at 1e-3.
+    # The paper uses 1e-2; on SmolLM2-135M with all projections of one layer adapted that made
+    # recalled facts flip back and forth (docs/memory.md, "Adapter family").
     learning_rate: float = 1e-3
     dropout: float = 0.0
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memupdate.adapter import AdapterFamily
-from memupdate.encoding import EncodedFact, sequence_length
-from memupdate.recall import (
+from memupdate.memory.adapter import AdapterFamily
+from memupdate.memory.encoding import EncodedFact, sequence_length
+from memupdate.memory.recall import (
     PASS_PROBABILITY,
     RecallReport,
     collate,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memupdate.database import check_database, connect
-from memupdate.metrics import JOB_TRANSITIONS
+from memupdate.service.metrics import JOB_TRANSITIONS
 
 QUEUED, RUNNING, LIVE, FAILED, CANCELLED = "QUEUED", "RUNNING", "LIVE", "FAILED", "CANCELLED"
 ENDED = (LIVE, FAILED, CANCELLED)

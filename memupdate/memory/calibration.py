@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from memupdate.adapter import AdapterFamily, params_per_rank
-from memupdate.encoding import EncodedFact, sequence_length
-from memupdate.law import LawError, LawPoint, ParametricMemoryLaw, log_errors
-from memupdate.memft import Progress, TrainSettings, train_adapter
-from memupdate.phonebook import phonebook_facts
+from memupdate.memory.adapter import AdapterFamily, params_per_rank
+from memupdate.memory.encoding import EncodedFact, sequence_length
+from memupdate.memory.law import LawError, LawPoint, ParametricMemoryLaw, log_errors
+from memupdate.memory.memft import Progress, TrainSettings, train_adapter
+from memupdate.memory.phonebook import phonebook_facts
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memupdate.adapter import RANK_LADDER
+from memupdate.memory.adapter import RANK_LADDER
 
 FORM = "dL = C * r**alpha * ell**(-beta) + b; recall = 1 / (1 + (L_after / L50)**k)"
 # Recall 1.0 is the asymptote of the link; a request for 1.0 is planned as this value

@@ -12,7 +12,7 @@ knowledge base. Prompt tokens do not count.
 
 from dataclasses import dataclass
 
-from memupdate.facts import Fact, FactError, raise_collected
+from memupdate.memory.facts import Fact, FactError, raise_collected
 
 
 @dataclass(frozen=True)

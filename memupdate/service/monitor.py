@@ -15,12 +15,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from memupdate.facts import Fact
-from memupdate.metrics import PROBE_FAILURES, PROBE_RUNS, REPLICA_UP, worst_fact_recall
-from memupdate.registry import Registry, Version
-from memupdate.vllm_client import ServingError, ServingRecall, serving_recall, worst_replica
+from memupdate.memory.facts import Fact
+from memupdate.service.metrics import PROBE_FAILURES, PROBE_RUNS, REPLICA_UP
+from memupdate.serving.probes import probe_record
+from memupdate.serving.registry import Registry
+from memupdate.serving.vllm_client import ServingError, serving_recall, worst_replica
 
-log = logging.getLogger("memupdate.monitor")
+log = logging.getLogger("memupdate.service.monitor")
 
 
 @dataclass(frozen=True)
@@ -29,41 +30,6 @@ class MonitorSettings:
     max_facts: int = 64  # facts per probe (teacher-forced): the cost bound
     greedy_facts: int = 8  # of those, decoded greedily
     max_drop: float = 0.05  # fact recall below the verified value by more than this regresses
-
-
-def probe_record(
-    version: Version,
-    result: ServingRecall,
-    source: str,
-    max_drop: float,
-    prompts: dict[str, str] | None = None,
-) -> dict:
-    """What a successful probe stores: the recall, and whether (and why) it regressed."""
-    rec = result.recall
-    target = version.target_fact_recall
-    verified = worst_fact_recall(version.serving) if version.serving else None
-    reasons = []
-    if rec.fact_recall < target:
-        reasons.append(f"fact recall {rec.fact_recall:.3f} below the target {target:.3f}")
-    if verified is not None and rec.fact_recall < verified - max_drop:
-        reasons.append(f"fact recall {rec.fact_recall:.3f} dropped from {verified:.3f} at go-live")
-    if result.greedy_exact < result.greedy_checked:
-        reasons.append(
-            f"greedy output differs from the target for {', '.join(result.greedy_mismatches[:5])}"
-        )
-    prompts = prompts or {}
-    flipped = [
-        {"fact": fact, "prompt": prompts.get(fact, "")[:200], "min_probability": p}
-        for fact, p in zip(rec.failing, rec.failing_min_probs, strict=True)
-    ][:20]
-    return {
-        "version": version.version,
-        "source": source,
-        **result.to_dict(),
-        "regressed": bool(reasons),
-        "reason": "; ".join(reasons),
-        "flipped": flipped,
-    }
 
 
 class RecallMonitor(threading.Thread):

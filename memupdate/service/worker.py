@@ -4,14 +4,14 @@ import logging
 import sqlite3
 import threading
 
-from memupdate.facts import Fact, FactError
-from memupdate.jobs import CANCELLED, FAILED, LIVE, JobRecord, JobStore
-from memupdate.law import LawError
-from memupdate.registry import RegistryError
-from memupdate.update import Cancelled, Runtime, UpdateFailed, UpdateRequest, run_update
-from memupdate.vllm_client import ServingError
+from memupdate.memory.facts import Fact, FactError
+from memupdate.memory.law import LawError
+from memupdate.service.jobs import CANCELLED, FAILED, LIVE, JobRecord, JobStore
+from memupdate.service.update import Cancelled, Runtime, UpdateFailed, UpdateRequest, run_update
+from memupdate.serving.registry import RegistryError
+from memupdate.serving.vllm_client import ServingError
 
-log = logging.getLogger("memupdate.worker")
+log = logging.getLogger("memupdate.service.worker")
 EXPECTED_FAILURES = (UpdateFailed, FactError, LawError, RegistryError, ServingError, ValueError)
 
 
@@ -22,19 +22,20 @@ def request_from_job(job: JobRecord) -> UpdateRequest:
 
 
 class Worker(threading.Thread):
-    def __init__(self, store: JobStore, runtime: Runtime):
+    def __init__(self, store: JobStore, runtime: Runtime, retry_s: float = 5.0):
         super().__init__(name="memupdate-worker", daemon=True)
         self.store = store
         self.runtime = runtime
-        self._stop = threading.Event()
+        self.retry_s = retry_s  # wait after a job database error before trying again
+        self._stopping = threading.Event()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
         with self.store.changed:
             self.store.changed.notify_all()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             try:
                 job = self.store.claim_next()
                 if job is None:
@@ -44,8 +45,8 @@ class Worker(threading.Thread):
             except sqlite3.Error:
                 # The job database cannot be written (disk full, read-only, locked): keep the
                 # worker alive and try again; a job left RUNNING is retried at the next start.
-                log.exception("job database error; retrying in 5 s")
-                self._stop.wait(5.0)
+                log.exception("job database error; retrying in %.0f s", self.retry_s)
+                self._stopping.wait(self.retry_s)
 
     def run_job(self, job: JobRecord) -> None:
         extra = {"job_id": job.id, "kb": job.kb}

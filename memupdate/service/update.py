@@ -13,17 +13,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from memupdate.adapter import AdapterFamily, params_per_rank
-from memupdate.base_model import ModelIdentity
-from memupdate.encoding import EncodedFact, encode_facts, model_context_length
-from memupdate.facts import Fact, FactError, check_fact_count
-from memupdate.law import LawPoint
-from memupdate.memft import DEFAULT_MARGIN, Progress, TrainSettings, train_adapter
-from memupdate.metrics import LAW_RECALL_ERROR, PHASE_SECONDS, TRAINING_STEPS, TRAINING_TOKENS
-from memupdate.planning import PlanReport, plan_update, record_training
-from memupdate.registry import Registry
-from memupdate.serving import GoLiveResult, ServingBackend, verify_and_go_live
-from memupdate.vllm_client import ServingError, worst_replica
+from memupdate.memory.adapter import AdapterFamily, params_per_rank
+from memupdate.memory.base_model import ModelIdentity
+from memupdate.memory.encoding import EncodedFact, encode_facts, model_context_length
+from memupdate.memory.facts import Fact, FactError, check_fact_count
+from memupdate.memory.law import LawPoint
+from memupdate.memory.memft import DEFAULT_MARGIN, Progress, TrainSettings, train_adapter
+from memupdate.memory.planning import PlanReport, plan_update, record_training
+from memupdate.service.metrics import (
+    LAW_RECALL_ERROR,
+    PHASE_SECONDS,
+    TRAINING_STEPS,
+    TRAINING_TOKENS,
+)
+from memupdate.serving.backends import GoLiveResult, ServingBackend, verify_and_go_live
+from memupdate.serving.registry import Registry
+from memupdate.serving.vllm_client import ServingError, worst_replica
 
 Emit = Callable[[str, dict], None]
 

@@ -6,9 +6,9 @@ new to it. Never the only model an acceptance test uses.
 
 from pathlib import Path
 
-from memupdate.base_model import prepare_model_folder
-from memupdate.phonebook import phonebook_facts
-from memupdate.recall import CONTROL_PROMPTS
+from memupdate.memory.base_model import prepare_model_folder
+from memupdate.memory.phonebook import phonebook_facts
+from memupdate.memory.recall import CONTROL_PROMPTS
 
 TINY_MODEL_NAME = "tiny-llama"
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from memupdate.encoding import EncodedFact
+from memupdate.memory.encoding import EncodedFact
 
 PASS_PROBABILITY = 0.5
 

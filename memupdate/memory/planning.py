@@ -18,16 +18,16 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from memupdate.adapter import RANK_LADDER, AdapterFamily, params_per_rank
-from memupdate.base_model import ModelIdentity
-from memupdate.calibration import budget_steps
-from memupdate.encoding import EncodedFact, sequence_length
 from memupdate.home import home
-from memupdate.law import LawError, LawPoint, ParametricMemoryLaw, UnreachableTarget
-from memupdate.recall import measure_recall
+from memupdate.memory.adapter import RANK_LADDER, AdapterFamily, params_per_rank
+from memupdate.memory.base_model import ModelIdentity
+from memupdate.memory.calibration import budget_steps
+from memupdate.memory.encoding import EncodedFact, sequence_length
+from memupdate.memory.law import LawError, LawPoint, ParametricMemoryLaw, UnreachableTarget
+from memupdate.memory.recall import measure_recall
 
 DEFAULT_MAX_RANK = 64
-log = logging.getLogger("memupdate.planning")
+log = logging.getLogger("memupdate.memory.planning")
 
 
 @dataclass

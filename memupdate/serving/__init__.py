@@ -1,0 +1,1 @@
+"""Serving: the adapter registry, vLLM processes and clients, backends, probes, resolver plugin."""
