@@ -1,4 +1,4 @@
-"""Shared set-up for the benchmarks: the default model and seeded phonebook facts."""
+"""Shared set-up for the benchmarks: the default model and seeded fact sets of three kinds."""
 
 import argparse
 import os
@@ -8,13 +8,16 @@ import torch
 
 from memupdate.memory.base_model import load_model, prepare_default_model, resolve_model_dir
 from memupdate.memory.encoding import encode_facts, model_context_length
-from memupdate.memory.phonebook import phonebook_facts
+from memupdate.memory.fact_sets import KINDS
+
+KIND_NAMES = tuple(KINDS)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", help="HF model folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--facts", type=int, default=40, help="phonebook facts")
+    p.add_argument("--facts", type=int, default=40, help="facts per set")
+    p.add_argument("--kinds", default="phonebook", help=f"comma list of {', '.join(KIND_NAMES)}")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=1500)
@@ -22,26 +25,40 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def setup(args):
-    """(folder, model loader, encoded facts). The loader gives a fresh base model each call."""
+    """(folder, model loader). The loader gives a fresh base model each call."""
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     folder = (
         resolve_model_dir(args.model)
         if args.model
         else prepare_default_model(progress=lambda m: print(m, file=sys.stderr))
     )
-    model, tok = load_model(folder)
-    facts = encode_facts(
-        phonebook_facts(args.facts, seed=args.seed), tok, model_context_length(model)
-    )
-    return folder, (lambda: load_model(folder)), facts
+    return folder, (lambda: load_model(folder))
 
 
-def train(load, facts, rank: int, seed: int, max_steps: int, mode: str = "memft"):
-    """One training of a fresh base model with the default family; the TrainResult."""
+def fact_set(load, kind: str, count: int, seed: int):
+    """Encoded facts of one kind."""
+    model, tok = load()
+    return encode_facts(KINDS[kind](count, seed=seed), tok, model_context_length(model))
+
+
+def kinds(args) -> list[str]:
+    chosen = args.kinds.split(",") if args.kinds != "all" else list(KIND_NAMES)
+    unknown = set(chosen) - set(KIND_NAMES)
+    if unknown:
+        raise SystemExit(f"unknown fact kinds {sorted(unknown)}; choose from {KIND_NAMES}")
+    return chosen
+
+
+def train(load, facts, rank: int, seed: int, max_steps: int, mode: str = "memft", **settings):
+    """One training of a fresh base model with the default family; the TrainResult. Extra
+    keyword arguments go to TrainSettings, except `token_weights` (to train_adapter)."""
     from memupdate.memory.adapter import default_family
     from memupdate.memory.memft import TrainSettings, train_adapter
 
     model, tok = load()
-    family = default_family(model.config.num_hidden_layers)
-    settings = TrainSettings(rank=rank, mode=mode, seed=seed, family=family, max_steps=max_steps)
-    return train_adapter(model, facts, tok.pad_token_id, settings)[1]
+    weights = settings.pop("token_weights", None)
+    family = settings.pop("family", None) or default_family(model.config.num_hidden_layers)
+    config = TrainSettings(
+        rank=rank, mode=mode, seed=seed, family=family, max_steps=max_steps, **settings
+    )
+    return train_adapter(model, facts, tok.pad_token_id, config, token_weights=weights)[1]

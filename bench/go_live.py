@@ -34,7 +34,7 @@ class Args:
 
 
 def main() -> None:
-    folder, load, _ = setup(Args)
+    folder, load = setup(Args)
     model, tok = load()
     facts = load_facts(EXAMPLES)
     encoded = encode_facts(facts, tok, model_context_length(model))
@@ -61,7 +61,7 @@ def main() -> None:
         verify_s = time.monotonic() - t0
         served = serving_recall(server.client, "news", encoded, tok)
         vllm_p = torch.tensor(
-            [p for f in encoded for p in server.client.target_probabilities("news", f)]
+            [p for probs in server.client.target_probabilities("news", encoded) for p in probs]
         )
     finally:
         server.stop()

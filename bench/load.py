@@ -28,7 +28,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from service_process import ServiceProcess, free_port  # noqa: E402
 
-from memupdate.memory.phonebook import phonebook_facts  # noqa: E402
+from memupdate.memory.fact_sets import phonebook_facts  # noqa: E402
 from memupdate.v1 import memupdate_pb2 as pb  # noqa: E402
 
 DEADLINE_S = 5.0

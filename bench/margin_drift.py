@@ -9,7 +9,7 @@ cross 0.5.
 """
 
 import torch
-from common import parser, setup
+from common import fact_set, kinds, parser, setup
 
 from memupdate.memory.adapter import default_family
 from memupdate.memory.memft import TrainSettings, train_adapter
@@ -18,7 +18,8 @@ from memupdate.memory.recall import PASS_PROBABILITY, token_probabilities
 
 def main() -> None:
     args = parser(__doc__).parse_args()
-    _, load, facts = setup(args)
+    _, load = setup(args)
+    facts = fact_set(load, kinds(args)[0], args.facts, args.seed)
     model, tok = load()
     settings = TrainSettings(
         rank=args.rank,

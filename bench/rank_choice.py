@@ -16,9 +16,9 @@ from common import parser, setup
 from memupdate.memory.adapter import RANK_LADDER, AdapterFamily, params_per_rank
 from memupdate.memory.calibration import budget_steps, phonebook_source
 from memupdate.memory.encoding import encode_facts, model_context_length
+from memupdate.memory.fact_sets import DIGIT_BITS
 from memupdate.memory.law import ParametricMemoryLaw, UnreachableTarget
 from memupdate.memory.memft import TrainSettings, train_adapter
-from memupdate.memory.phonebook import DIGIT_BITS
 from memupdate.memory.recall import measure_recall
 
 CASES = [(110, 1.0), (220, 0.9), (330, 0.5), (330, 1.0), (440, 0.9), (660, 0.8)]
@@ -42,7 +42,7 @@ def main() -> None:
         help="ℓ:target fact recall pairs, comma-separated",
     )
     args = p.parse_args()
-    _, load, _ = setup(args)
+    _, load = setup(args)
     law = ParametricMemoryLaw.load(args.law)
     family = AdapterFamily.from_dict(law.family)
     model, tok = load()

@@ -20,7 +20,7 @@ def main() -> None:
     p.add_argument("--ranks", default="1,4,16")
     p.add_argument("--facts-file", default="../examples/new_facts.jsonl")
     args = p.parse_args()
-    _, load, _ = setup(args)
+    _, load = setup(args)
     model, tok = load()
     facts = encode_facts(load_facts(args.facts_file), tok, model_context_length(model))
     ranks = [int(r) for r in args.ranks.split(",")]

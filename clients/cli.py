@@ -88,9 +88,10 @@ def _watch(client: MemupdateClient, job_id: str) -> pb.Job:
                 bar = tqdm(total=p.max_steps, unit="step", desc="training")
             bar.update(p.step - bar.n)
             bar.set_postfix(
-                loss=f"{p.loss_nats_per_token:.3f}",
-                token_recall=f"{p.token_recall:.3f}",
+                epoch=p.epoch,
+                active=p.active_facts,
                 fact_recall=f"{p.fact_recall:.3f}",
+                left="?" if p.eta_seconds < 0 else f"~{p.eta_seconds:.0f}s",
             )
             continue
         if bar is not None:

@@ -88,10 +88,11 @@ def main() -> int:
                 if event.kind == "training":
                     p = event.progress
                     if p.step // 25 != last_step // 25:
+                        left = "?" if p.eta_seconds < 0 else f"~{p.eta_seconds:.0f} s"
                         print(
-                            f"  training step {p.step}: loss {p.loss_nats_per_token:.3f}, "
-                            f"token recall {p.token_recall:.3f}, fact recall "
-                            f"{p.fact_recall:.3f}",
+                            f"  training step {p.step} (epoch {p.epoch}): token recall "
+                            f"{p.token_recall:.3f}, fact recall {p.fact_recall:.3f}, "
+                            f"{p.active_facts} facts still training, time left {left}",
                             flush=True,
                         )
                     last_step = p.step

@@ -142,6 +142,7 @@ def _start_on(config, store, registry, folder, identity, server, port, metrics_s
             registry,
             backend,
             default_max_steps=config.default_max_steps,
+            warm_start=config.warm_start,
             max_facts=config.max_facts_per_update,
             serving_wait_s=config.serving_wait_s,
         )

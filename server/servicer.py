@@ -121,6 +121,9 @@ def event_pb(event: J.Event) -> pb.JobEvent:
             fact_recall=progress["fact_recall"],
             tokens_processed=progress["tokens_processed"],
             elapsed_seconds=progress["seconds"],
+            epoch=progress.get("epoch", 0),
+            active_facts=progress.get("active_facts", 0),
+            eta_seconds=-1.0 if progress.get("eta_seconds") is None else progress["eta_seconds"],
         )
         if progress
         else None,

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from memupdate.cli import main
+from memupdate.memory.fact_sets import phonebook_facts
 from memupdate.memory.facts import write_facts
-from memupdate.memory.phonebook import phonebook_facts
 
 
 @pytest.fixture()

@@ -5,8 +5,8 @@ import pytest
 from memupdate.memory.adapter import default_family
 from memupdate.memory.base_model import IDENTITY_FILE, load_model, model_identity
 from memupdate.memory.encoding import encode_facts, model_context_length
+from memupdate.memory.fact_sets import phonebook_facts
 from memupdate.memory.memft import TrainSettings, train_adapter
-from memupdate.memory.phonebook import phonebook_facts
 from memupdate.memory.recall import greedy_check, measure_recall
 
 pytestmark = pytest.mark.slow

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from memupdate.memory.encoding import encode_facts, sequence_length
+from memupdate.memory.fact_sets import phonebook_facts
 from memupdate.memory.facts import Fact, FactError, check_fact_count, load_facts
-from memupdate.memory.phonebook import phonebook_facts
 
 
 def write(tmp_path, lines):
@@ -133,3 +133,25 @@ def test_phonebook_is_seeded_and_unique():
     assert len({f.prompt for f in a}) == 300
     assert all(len(f.target) == 11 and f.target[1:].isdigit() for f in a)
     assert len({f.prompt for f in phonebook_facts(4000, seed=1)}) == 4000  # past the name pairs
+
+
+def test_fact_sets_are_seeded_distinct_and_counterfactuals_really_change(tmp_path):
+    from memupdate.memory.fact_sets import KINDS, _places
+
+    for kind, make in KINDS.items():
+        facts = make(60, seed=3)
+        assert len(facts) == 60, kind
+        assert facts == make(60, seed=3) and facts != make(60, seed=4), kind
+        assert len({f.prompt for f in facts}) == 60, kind
+    countries, _ = _places()
+    capital = {f"The capital of {c['name']} is": f" {c['capital']}" for c in countries}
+    changed = KINDS["counterfactual"](300, seed=0)
+    assert sum(f.prompt in capital for f in changed) >= 200  # capitals first, then cities
+    assert all(capital.get(f.prompt, "") != f.target for f in changed)
+    # Written and read back as a fact file, through the command line.
+    from memupdate.cli import main
+    from memupdate.memory.facts import load_facts
+
+    out = tmp_path / "bio.jsonl"
+    assert main(["fact-set", "biography", "--count", "5", "--out", str(out)]) == 0
+    assert [f.target for f in load_facts(out)] == [f.target for f in KINDS["biography"](5)]

@@ -17,7 +17,7 @@ from openai_api import ask
 from service_process import ServiceProcess, free_port
 from tools import tool_missing
 
-from memupdate.memory.phonebook import phonebook_facts
+from memupdate.memory.fact_sets import phonebook_facts
 from memupdate.v1 import memupdate_pb2 as pb
 
 NOWHERE = f"http://127.0.0.1:{free_port()}"

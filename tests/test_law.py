@@ -155,7 +155,7 @@ def test_plan_takes_the_best_rank_when_no_rank_is_predicted_to_reach(tiny):
     from memupdate.memory.adapter import default_family
     from memupdate.memory.base_model import ModelIdentity
     from memupdate.memory.encoding import encode_facts
-    from memupdate.memory.phonebook import phonebook_facts
+    from memupdate.memory.fact_sets import phonebook_facts
     from memupdate.memory.planning import plan_update
 
     model, tok = tiny

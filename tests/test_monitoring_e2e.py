@@ -12,7 +12,7 @@ from prometheus_server import PrometheusServer
 from service_process import ServiceProcess, is_loopback, listening_addresses
 
 from clients.cli import main as cli_main
-from memupdate.memory.phonebook import phonebook_facts
+from memupdate.memory.fact_sets import phonebook_facts
 from memupdate.serving.vllm_client import VLLMClient
 from memupdate.v1 import memupdate_pb2 as pb
 

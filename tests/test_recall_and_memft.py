@@ -5,14 +5,21 @@ import torch
 
 from memupdate.memory.adapter import default_family, params_per_rank
 from memupdate.memory.encoding import encode_facts
-from memupdate.memory.memft import TrainSettings, memft_loss, train_adapter
-from memupdate.memory.phonebook import phonebook_facts
+from memupdate.memory.fact_sets import phonebook_facts
+from memupdate.memory.frozen_prefix import FrozenPrefix
+from memupdate.memory.memft import (
+    TrainSettings,
+    threshold_weights,
+    train_adapter,
+    weighted_loss,
+)
 from memupdate.memory.recall import (
     collate,
     greedy_check,
     measure_recall,
     summarize,
     target_logprobs,
+    token_probabilities,
 )
 
 
@@ -55,12 +62,32 @@ def test_summary_distinguishes_token_and_fact_recall(tiny):
 
 def test_memft_loss_puts_no_gradient_on_passed_tokens():
     logp = torch.log(torch.tensor([0.9, 0.3, 0.55, 0.1])).requires_grad_()
-    memft_loss(logp, threshold=0.6).backward()
+    weighted_loss(logp, threshold_weights(logp, threshold=0.6)).backward()
     assert logp.grad[0] == 0 and logp.grad[2] != 0  # 0.55 is under the 0.6 threshold
     assert torch.allclose(logp.grad[[1, 2, 3]], torch.full((3,), -1 / 3))
     passed = torch.log(torch.tensor([0.9, 0.8])).requires_grad_()
-    memft_loss(passed, threshold=0.6).backward()  # none left: the ordinary mean
-    assert torch.allclose(passed.grad, torch.full((2,), -0.5))
+    assert weighted_loss(passed, threshold_weights(passed, threshold=0.6)) is None  # no step
+
+
+@pytest.mark.parametrize("first", [0, 1, 2])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_frozen_prefix_gives_the_full_models_target_logprobs(tiny, first, attention):
+    """Running only the layers from `first` up on cached hidden states is the full model."""
+    from peft import get_peft_model
+
+    model, tok = tiny
+    facts = encoded(tok, 6)
+    family = replace(default_family(model.config.num_hidden_layers), layers=(first,))
+    peft_model = get_peft_model(model, family.lora_config(4))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:  # a non-zero adapter, so the adapted layer matters
+            torch.nn.init.normal_(p, std=0.1)
+    prefix = FrozenPrefix(peft_model, facts, tok.pad_token_id, first)
+    with torch.no_grad():
+        full = target_logprobs(peft_model, collate([facts[i] for i in (4, 0, 2)], 0))
+        peft_model.get_base_model().set_attn_implementation(attention)
+        cached, _ = prefix.target_logprobs(peft_model, [4, 0, 2])
+    assert torch.allclose(cached, full, atol=1e-5)
 
 
 def test_memft_reaches_full_recall_and_greedy_reproduces_every_target(tiny):
@@ -139,3 +166,75 @@ def test_params_per_rank_is_the_same_inside_a_peft_model(tiny):
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert params_per_rank(peft_model, family) == plain
     assert trainable == 8 * plain  # rank 8
+
+
+@pytest.mark.parametrize("new_rank", [4, 8])
+def test_warm_start_keeps_outputs_when_the_rank_grows(tiny, tmp_path, new_rank):
+    """A saved rank-4 adapter loaded into a rank-4 or rank-8 adapter of the same family gives
+    the same target log-probabilities before any training, and then learns new facts too."""
+    from peft import get_peft_model
+
+    from memupdate.memory.warm_start import warm_start
+
+    model, tok = tiny
+    old, new = encoded(tok, 6, seed=1), encoded(tok, 4, seed=2)
+    trained, result = train_adapter(model, old, tok.pad_token_id, replace(settings(model), rank=4))
+    assert result.success
+    trained.save_pretrained(tmp_path / "v1")
+    saved = torch.cat(token_probabilities(trained, old, tok.pad_token_id))
+    base = trained.unload()
+
+    grown = get_peft_model(base, settings(base).family.lora_config(new_rank))
+    assert warm_start(grown, tmp_path / "v1") == 4
+    assert torch.allclose(
+        torch.cat(token_probabilities(grown, old, tok.pad_token_id)), saved, atol=1e-5
+    )
+    base = grown.unload()
+
+    both = [*old, *new]
+    peft_model, warm = train_adapter(
+        base,
+        both,
+        tok.pad_token_id,
+        replace(settings(base), rank=new_rank),
+        start_from=tmp_path / "v1",
+    )
+    assert warm.success and warm.recall.fact_recall == 1.0
+    # It started from what v1 knew: the old facts passed at the first check.
+    assert warm.history[0]["fact_recall"] >= len(old) / len(both)
+
+
+def test_warm_start_refuses_another_family(tiny, tmp_path):
+    from peft import get_peft_model
+
+    from memupdate.memory.warm_start import WarmStartError, warm_start
+
+    model, tok = tiny
+    family = settings(model).family
+    saved = get_peft_model(model, family.lora_config(4))
+    saved.save_pretrained(tmp_path / "v1")
+    base = saved.unload()
+    other = get_peft_model(base, replace(family, target_modules=("down_proj",)).lora_config(4))
+    with pytest.raises(WarmStartError, match="other modules"):
+        warm_start(other, tmp_path / "v1")
+    base = other.unload()
+    smaller = get_peft_model(base, family.lora_config(2))
+    with pytest.raises(WarmStartError, match="rank 4, more than 2"):
+        warm_start(smaller, tmp_path / "v1")
+
+
+def test_an_interrupted_training_leaves_the_base_model_as_it_was(tiny):
+    """A cancelled job raises from the progress callback: no LoRA layer may stay behind in the
+    model the next job trains."""
+    model, tok = tiny
+    facts = encoded(tok, 4)
+    names = [n for n, _ in model.named_modules()]
+
+    def cancel(progress):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(model, facts, tok.pad_token_id, settings(model), cancel)
+    assert [n for n, _ in model.named_modules()] == names
+    _, result = train_adapter(model, facts, tok.pad_token_id, settings(model))
+    assert result.success

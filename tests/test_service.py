@@ -10,7 +10,7 @@ import grpc
 import pytest
 from service_process import ServiceProcess, free_port
 
-from memupdate.memory.phonebook import phonebook_facts
+from memupdate.memory.fact_sets import phonebook_facts
 from memupdate.v1 import memupdate_pb2 as pb
 
 NOWHERE = f"http://127.0.0.1:{free_port()}"  # no vLLM there: jobs fail at the serving check

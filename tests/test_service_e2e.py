@@ -6,7 +6,7 @@ import pytest
 from openai_api import ask
 from service_process import ServiceProcess
 
-from memupdate.memory.phonebook import phonebook_facts
+from memupdate.memory.fact_sets import phonebook_facts
 from memupdate.v1 import memupdate_pb2 as pb
 
 pytestmark = pytest.mark.vllm

@@ -12,9 +12,9 @@ from openai_api import ask
 from memupdate.memory.adapter import choose_family, default_family
 from memupdate.memory.base_model import load_model
 from memupdate.memory.encoding import encode_facts
+from memupdate.memory.fact_sets import phonebook_facts
 from memupdate.memory.facts import Fact
 from memupdate.memory.memft import TrainSettings, train_adapter
-from memupdate.memory.phonebook import phonebook_facts
 from memupdate.serving.backends import (
     ExternalBackend,
     ManagedBackend,

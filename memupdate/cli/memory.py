@@ -1,4 +1,4 @@
-"""Library commands (no service needed): model prepare, phonebook, plan, train, compare,
+"""Library commands (no service needed): model prepare, phonebook, fact-set, plan, train, compare,
 calibrate."""
 
 import json
@@ -17,10 +17,10 @@ from memupdate.memory.base_model import (
     prepare_default_model,
 )
 from memupdate.memory.encoding import sequence_length
+from memupdate.memory.fact_sets import KINDS, phonebook_facts
 from memupdate.memory.facts import FactError, write_facts
 from memupdate.memory.law import LawError, LawPoint
 from memupdate.memory.memft import DEFAULT_MARGIN, MODES, Progress, TrainSettings, train_adapter
-from memupdate.memory.phonebook import phonebook_facts
 from memupdate.memory.planning import DEFAULT_MAX_RANK, plan_update, record_training
 from memupdate.memory.recall import greedy_check, greedy_continuation, locality, measure_recall
 from memupdate.memory.tiny_model import prepare_tiny_model
@@ -35,6 +35,13 @@ def cmd_model_prepare(args) -> int:
 def cmd_phonebook(args) -> int:
     write_facts(phonebook_facts(args.count, seed=args.seed, digits=args.digits), args.out)
     print(f"wrote {args.count} phonebook facts to {args.out}")
+    return 0
+
+
+def cmd_fact_set(args) -> int:
+    facts = KINDS[args.kind](args.count, seed=args.seed)
+    write_facts(facts, args.out)
+    print(f"wrote {len(facts)} {args.kind} facts to {args.out}")
     return 0
 
 
@@ -107,10 +114,10 @@ def cmd_train(args) -> int:
     def show(p: Progress) -> None:
         bar.update(p.step - bar.n)
         bar.set_postfix(
-            loss=f"{p.loss:.3f}",
-            token_recall=f"{p.token_recall:.3f}",
-            fact_recall=f"{p.fact_recall:.3f}",
+            epoch=p.epoch,
             active=p.active_facts,
+            fact_recall=f"{p.fact_recall:.3f}",
+            left="?" if p.eta_seconds is None else f"~{p.eta_seconds:.0f}s",
         )
 
     peft_model, result = train_adapter(base.model, facts, base.pad_id, settings, show)
@@ -316,6 +323,13 @@ def add_commands(sub) -> None:
     pb.add_argument("--digits", type=int, default=10)
     pb.add_argument("--out", required=True)
     pb.set_defaults(func=cmd_phonebook)
+
+    fs = sub.add_parser("fact-set", help="write a seeded fact set of one kind (for benchmarks)")
+    fs.add_argument("kind", choices=sorted(KINDS))
+    fs.add_argument("--count", type=int, required=True)
+    fs.add_argument("--seed", type=int, default=0)
+    fs.add_argument("--out", required=True)
+    fs.set_defaults(func=cmd_fact_set)
 
     plan = sub.add_parser("plan", help="choose a rank with the law (dry run)")
     plan.add_argument("facts")

@@ -22,9 +22,9 @@ import numpy as np
 
 from memupdate.memory.adapter import AdapterFamily, params_per_rank
 from memupdate.memory.encoding import EncodedFact, sequence_length
+from memupdate.memory.fact_sets import phonebook_facts
 from memupdate.memory.law import LawError, LawPoint, ParametricMemoryLaw, log_errors
 from memupdate.memory.memft import Progress, TrainSettings, train_adapter
-from memupdate.memory.phonebook import phonebook_facts
 
 
 @dataclass(frozen=True)

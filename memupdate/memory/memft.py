@@ -1,32 +1,40 @@
 """MemFT: train a LoRA adapter until every target token passes p > 0.5 (+ margin).
 
-MemFT (the paper's only-threshold variant) puts the gradient on target tokens still at or below
-the threshold: each token's loss is weighted 1 if p <= threshold and 0 otherwise, and the batch
-loss is the mean over those still-unlearned tokens. Facts that pass completely leave the batches;
-a full teacher-forced pass every `recheck_every` steps catches facts that fall back. `uniform`
-is plain cross-entropy on all target tokens, same optimizer, data and stopping rule: the
-baseline. Training stops when a full pass shows every target token above 0.5 + margin (then
-greedy decoding reproduces every target), or when the step or time budget runs out, in which
-case the result says what is still missing and does not claim success.
+Training runs in epochs over shuffled batches of facts; a step runs only the adapted layers and
+those above them (memory/frozen_prefix.py). Two modes share everything but the loss:
+- `memft`: the paper's threshold weighting, tuned by measurement (bench/memft_vs_uniform.py). A
+  target token's loss has weight 1 while p <= `train_until` (0.9) and 0 above it; the weighted sum
+  is divided by the batch's token count, and a batch with no weighted token takes no optimizer
+  step (its forward pass still refreshes what is known about its facts). The band between the
+  stopping threshold and `train_until` builds a margin, so a passed token does not drift straight
+  back below the threshold while others train. Each epoch visits the facts still training plus a
+  replay sample of the solid ones (`replay`), so when most of a base is solid (an incremental
+  update) an epoch costs what is new, not the whole base.
+- `uniform`: plain cross-entropy on all target tokens, every fact every epoch: the baseline.
+Both stop the same way: when every fact passed at its latest visit, a check of every fact (no
+gradient, fp32) confirms it. The final report is a full-model fp32 pass, so success means every
+target token is above 0.5 + margin and greedy decoding reproduces every target. A run that runs
+out of steps or time says what is still missing and does not claim success.
 """
 
+import math
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from memupdate.memory.adapter import AdapterFamily
 from memupdate.memory.encoding import EncodedFact, sequence_length
-from memupdate.memory.recall import (
-    PASS_PROBABILITY,
-    RecallReport,
-    collate,
-    summarize,
-    target_logprobs,
-    token_probabilities,
+from memupdate.memory.frozen_prefix import (
+    FrozenPrefix,
+    eager_attention_on_cpu,
+    first_adapted_layer,
 )
+from memupdate.memory.recall import PASS_PROBABILITY, RecallReport, measure_recall, summarize
+from memupdate.memory.warm_start import warm_start
 
 MODES = ("memft", "uniform")
 # Margin above 0.5 at which training stops. Measured (bench/margin_drift.py, 20 phonebook facts,
@@ -44,10 +52,21 @@ class TrainSettings:
     mode: str = "memft"
     margin: float = DEFAULT_MARGIN
     batch_size: int = 16
-    max_steps: int = 2000
+    max_steps: int = 2000  # batches visited (a batch whose tokens all passed counts too)
     max_seconds: float | None = None
-    recheck_every: int = 20
     seed: int = 0
+    # MemFT trains a token until its p is above `train_until` (at least the stopping threshold
+    # 0.5 + margin): the band between them builds a margin, so a passed token does not drift
+    # straight back under the threshold while others train. None: the stopping threshold.
+    train_until: float | None = 0.9
+    # Facts whose every token is above `train_until` are revisited per epoch at this multiple of
+    # the facts still training (MemFT only); None visits every fact every epoch.
+    replay: float | None = 1.0
+    bf16: bool = True  # bf16 autocast for training steps; checks and the final report are fp32
+    # Divide the weighted loss by the batch's token count, not the weighted tokens' (the paper's
+    # choice): with AdamW, dividing by a shrinking count of unlearned tokens makes the late steps
+    # large and knocks passed facts back (bench/memft_vs_uniform.py, memft-paper-meanall).
+    mean_over_all: bool = True
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -56,48 +75,89 @@ class TrainSettings:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if not 0 <= self.margin < 0.5:
             raise ValueError(f"margin must be in [0, 0.5), got {self.margin}")
+        if self.train_until is not None and not 0.5 + self.margin <= self.train_until < 1:
+            raise ValueError(f"train_until must be in [0.5 + margin, 1), got {self.train_until}")
+
+    @property
+    def threshold(self) -> float:
+        """Training stops when every target token is above this."""
+        return PASS_PROBABILITY + self.margin
+
+    @property
+    def weight_threshold(self) -> float:
+        """MemFT trains a token until it is above this."""
+        return self.threshold if self.train_until is None else self.train_until
 
 
 @dataclass
 class Progress:
     step: int
     max_steps: int
+    epoch: int
     loss: float
-    token_recall: float  # running estimate from the latest forward pass of each fact
-    fact_recall: float  # likewise; confirmed by the full passes
+    token_recall: float  # from the latest visit of each fact
+    fact_recall: float  # likewise; confirmed by the checks of every fact
     tokens_processed: int
-    active_facts: int
+    active_facts: int  # facts not passed at their latest visit
     seconds: float
+    eta_seconds: float | None  # from how fast facts have been passing; None until known
 
 
 @dataclass
 class TrainResult:
-    success: bool  # every target token above 0.5 + margin in a final full teacher-forced pass
+    success: bool  # every target token above 0.5 + margin in the final full-model fp32 pass
     stop_reason: str
     steps: int
-    tokens_processed: int  # tokens in training forward passes (rechecks not counted)
+    optimizer_steps: int
+    epochs: int
+    tokens_processed: int  # tokens in training forward passes and in the checks of every fact
     seconds: float
     sequence_length: int  # ℓ
     loss_before_nats: float
-    recall: RecallReport  # final full pass, p > 0.5
-    history: list[dict] = field(default_factory=list)  # one entry per full pass
+    recall: RecallReport  # final full-model pass, p > 0.5
+    history: list[dict] = field(default_factory=list)  # one entry per check of every fact
 
     @property
     def loss_reduction_nats(self) -> float:
         return self.loss_before_nats - self.recall.mean_loss_nats
 
 
-class _PassState:
-    """Latest known pass/fail of each fact and its count of tokens above 0.5."""
+def threshold_weights(logp: torch.Tensor, threshold: float) -> torch.Tensor:
+    """MemFT's token weights: 1 while p <= threshold, 0 once above it."""
+    return (logp.detach().exp() <= threshold).float()
 
-    def __init__(self, facts: list[EncodedFact], threshold: float):
-        self.threshold = threshold
+
+def uniform_weights(logp: torch.Tensor, threshold: float) -> torch.Tensor:
+    return torch.ones_like(logp)
+
+
+def weighted_loss(
+    logp: torch.Tensor, weights: torch.Tensor, over_all_tokens: bool = False
+) -> torch.Tensor | None:
+    """Weighted cross-entropy, divided by the total weight (the mean over the weighted tokens)
+    or, `over_all_tokens`, by the batch's token count; None when no token has weight."""
+    total = weights.sum()
+    if total == 0:
+        return None
+    return -(logp * weights).sum() / (logp.numel() if over_all_tokens else total)
+
+
+class _PassState:
+    """What the latest visit of each fact showed: passed (every token above the stopping
+    threshold), solid (every token above the training threshold), tokens above 0.5."""
+
+    def __init__(self, facts: list[EncodedFact], settings: TrainSettings):
+        self.threshold = settings.threshold
+        self.solid_threshold = settings.weight_threshold
         self.passed = [False] * len(facts)
+        self.solid = [False] * len(facts)
         self.good_tokens = [0] * len(facts)
         self.total_tokens = sequence_length(facts)
 
     def update(self, index: int, probs: torch.Tensor) -> None:
-        self.passed[index] = bool(probs.min() > self.threshold)
+        lowest = probs.min()
+        self.passed[index] = bool(lowest > self.threshold)
+        self.solid[index] = bool(lowest > self.solid_threshold)
         self.good_tokens[index] = int((probs > PASS_PROBABILITY).sum())
 
     def token_recall(self) -> float:
@@ -107,14 +167,35 @@ class _PassState:
         return sum(self.passed) / len(self.passed)
 
 
-def memft_loss(logp: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Mean cross-entropy over the target tokens still at or below `threshold`; tokens above
-    it get weight 0. With none left: the ordinary mean (the paper's fallback), so every batch
-    is a step and training always moves on."""
-    weight = (logp.detach().exp() <= threshold).float()
-    if weight.sum() == 0:
-        return -logp.mean()
-    return -(logp * weight).sum() / weight.sum()
+class _Eta:
+    """Time left, from the pace at which facts have been passing (an estimate, said as one)."""
+
+    def __init__(self):
+        self.start: tuple[float, int] | None = None
+
+    def __call__(self, now: float, active: int) -> float | None:
+        if self.start is None or active > self.start[1]:
+            self.start = (now, active)
+            return None
+        done = self.start[1] - active
+        return None if done <= 0 else (now - self.start[0]) * active / done
+
+
+def _epoch_order(
+    state: _PassState, settings: TrainSettings, rng: random.Random, batch_size: int
+) -> list[list[int]]:
+    """The batches of one epoch: every fact (uniform, or replay None), else the facts still
+    training plus a replay sample of the solid ones."""
+    everyone = list(range(len(state.passed)))
+    if settings.mode == "uniform" or settings.replay is None:
+        order = everyone
+    else:
+        training = [i for i in everyone if not state.solid[i]]
+        solid = [i for i in everyone if state.solid[i]]
+        replay = min(len(solid), math.ceil(settings.replay * len(training)))
+        order = training + rng.sample(solid, replay)
+    rng.shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def train_adapter(
@@ -123,32 +204,54 @@ def train_adapter(
     pad_id: int,
     settings: TrainSettings,
     on_progress: Callable[[Progress], None] | None = None,
+    start_from: Path | None = None,
+    token_weights: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
 ):
-    """Wrap `model` with a fresh LoRA adapter and train it. Returns (peft_model, TrainResult).
-    Call `peft_model.unload()` afterwards to get the untouched base model back."""
+    """Wrap `model` with a LoRA adapter (fresh, or grown from the adapter saved in `start_from`,
+    memory/warm_start.py) and train it. Returns (peft_model, TrainResult). Call
+    `peft_model.unload()` afterwards to get the untouched base model back. `token_weights`
+    replaces the mode's weighting (benchmarks of MemFT variants)."""
     from peft import get_peft_model
 
     torch.manual_seed(settings.seed)
-    rng = random.Random(settings.seed)
     peft_model = get_peft_model(model, settings.family.lora_config(settings.rank))
+    try:
+        if start_from is not None:
+            warm_start(peft_model, start_from)
+        return peft_model, _train(peft_model, facts, pad_id, settings, on_progress, token_weights)
+    except BaseException:
+        # get_peft_model changed `model` in place: an exception (a cancelled job, an adapter
+        # that does not fit) must not leave LoRA layers in the caller's model.
+        peft_model.unload()
+        raise
+
+
+def _train(peft_model, facts, pad_id, settings, on_progress, token_weights) -> TrainResult:
+    rng = random.Random(settings.seed)
+    weigh = token_weights or (threshold_weights if settings.mode == "memft" else uniform_weights)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.family.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: max(0.0, 1.0 - s / settings.max_steps)
     )
-    state = _PassState(facts, PASS_PROBABILITY + settings.margin)
     start = time.monotonic()
+    prefix = FrozenPrefix(peft_model, facts, pad_id, first_adapted_layer(settings.family))
+    state = _PassState(facts, settings)
     history: list[dict] = []
+    counts = {"steps": 0, "optimizer_steps": 0, "tokens": 0, "epochs": 0}
 
-    def full_pass(step: int) -> RecallReport:
+    def check_every_fact() -> RecallReport:
         peft_model.eval()
-        probs = token_probabilities(peft_model, facts, pad_id)
+        probs = prefix.token_probabilities(peft_model)
+        peft_model.train()
         for i, p in enumerate(probs):
             state.update(i, p)
+        counts["tokens"] += sum(f.length for f in facts)
         report = summarize(facts, probs)
         history.append(
             {
-                "step": step,
+                "step": counts["steps"],
+                "epoch": counts["epochs"],
                 "seconds": round(time.monotonic() - start, 3),
                 "token_recall": report.token_recall,
                 "fact_recall": report.fact_recall,
@@ -156,75 +259,78 @@ def train_adapter(
                 "min_prob": report.min_prob,
             }
         )
-        peft_model.train()
         return report
 
-    report = full_pass(0)
-    loss_before = report.mean_loss_nats
-    step = tokens = 0
-    queue: list[int] = []
-    stop_reason = "budget: steps"
-    while True:
-        due = settings.mode == "memft" and step > 0 and step % settings.recheck_every == 0
-        if all(state.passed) or (due and history[-1]["step"] != step):
-            report = full_pass(step)
+    loss_before = check_every_fact().mean_loss_nats
+    eta = _Eta()
+    stop_reason = ""
+    peft_model.train()
+    with eager_attention_on_cpu(peft_model):
+        while not stop_reason:
             if all(state.passed):
-                stop_reason = "all target tokens passed"
-                break
-        if step >= settings.max_steps:
-            break
-        if settings.max_seconds is not None and time.monotonic() - start > settings.max_seconds:
-            stop_reason = "budget: time"
-            break
+                if history[-1]["step"] != counts["steps"]:  # every visit passed: confirm at once
+                    check_every_fact()
+                if all(state.passed):
+                    stop_reason = "all target tokens passed"
+                    break
+            counts["epochs"] += 1
+            for chosen in _epoch_order(state, settings, rng, settings.batch_size):
+                if counts["steps"] >= settings.max_steps:
+                    stop_reason = "budget: steps"
+                elif settings.max_seconds and time.monotonic() - start > settings.max_seconds:
+                    stop_reason = "budget: time"
+                if stop_reason:
+                    break
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+                    logp, batch = prefix.target_logprobs(peft_model, chosen)
+                logp = logp.float()
+                for i, p in zip(chosen, torch.split(logp.detach().exp(), batch.sizes), strict=True):
+                    state.update(i, p)
+                weights = weigh(logp, settings.weight_threshold)
+                loss = weighted_loss(logp, weights, settings.mean_over_all)
+                if loss is not None:
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    counts["optimizer_steps"] += 1
+                schedule.step()
+                counts["steps"] += 1
+                counts["tokens"] += batch.tokens
+                if on_progress is not None:
+                    now = time.monotonic() - start
+                    active = len(state.passed) - sum(state.passed)
+                    on_progress(
+                        Progress(
+                            step=counts["steps"],
+                            max_steps=settings.max_steps,
+                            epoch=counts["epochs"],
+                            loss=float(loss.detach()) if loss is not None else 0.0,
+                            token_recall=state.token_recall(),
+                            fact_recall=state.fact_recall(),
+                            tokens_processed=counts["tokens"],
+                            active_facts=active,
+                            seconds=now,
+                            eta_seconds=eta(now, active),
+                        )
+                    )
 
-        if settings.mode == "memft":
-            queue = [i for i in queue if not state.passed[i]]
-            if not queue:
-                queue = [i for i in range(len(facts)) if not state.passed[i]]
-                rng.shuffle(queue)
-        elif not queue:
-            queue = list(range(len(facts)))
-            rng.shuffle(queue)
-        chosen, queue = queue[: settings.batch_size], queue[settings.batch_size :]
-        batch = collate([facts[i] for i in chosen], pad_id)
-
-        logp = target_logprobs(peft_model, batch)
-        probs = logp.detach().exp()
-        for i, p in zip(chosen, torch.split(probs, batch.sizes), strict=True):
-            state.update(i, p)
-        loss = memft_loss(logp, state.threshold) if settings.mode == "memft" else -logp.mean()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens += batch.tokens
-        if on_progress is not None:
-            on_progress(
-                Progress(
-                    step=step,
-                    max_steps=settings.max_steps,
-                    loss=float(loss.detach()),
-                    token_recall=state.token_recall(),
-                    fact_recall=state.fact_recall(),
-                    tokens_processed=tokens,
-                    active_facts=len(state.passed) - sum(state.passed),
-                    seconds=time.monotonic() - start,
-                )
-            )
-
-    if history[-1]["step"] != step:
-        report = full_pass(step)
+    # The guarantee is measured on the full model in fp32, as serving will compute it.
     peft_model.eval()
+    report = measure_recall(peft_model, facts, pad_id)
+    passed = report.min_prob > state.threshold
+    if not passed and not stop_reason.startswith("budget"):
+        stop_reason = "the final full-model check found tokens at or below the threshold"
     result = TrainResult(
-        success=all(state.passed),
-        stop_reason="all target tokens passed" if all(state.passed) else stop_reason,
-        steps=step,
-        tokens_processed=tokens,
+        success=passed,
+        stop_reason=stop_reason,
+        steps=counts["steps"],
+        optimizer_steps=counts["optimizer_steps"],
+        epochs=counts["epochs"],
+        tokens_processed=counts["tokens"],
         seconds=time.monotonic() - start,
         sequence_length=state.total_tokens,
         loss_before_nats=loss_before,
         recall=report,
         history=history,
     )
-    return peft_model, result
+    return result

@@ -7,7 +7,7 @@ new to it. Never the only model an acceptance test uses.
 from pathlib import Path
 
 from memupdate.memory.base_model import prepare_model_folder
-from memupdate.memory.phonebook import phonebook_facts
+from memupdate.memory.fact_sets import phonebook_facts
 from memupdate.memory.recall import CONTROL_PROMPTS
 
 TINY_MODEL_NAME = "tiny-llama"

@@ -40,6 +40,9 @@ class ServiceConfig(BaseSettings):
     max_watch_streams: int = Field(default=32, ge=1)
     max_concurrent_rpcs: int = Field(default=256, ge=1)
     default_max_steps: int = 2000
+    # Train each new version from the live version's adapter (false: retrain the whole base
+    # from a fresh adapter at every update, as the first builds did).
+    warm_start: bool = True
     # The adapter family every job trains (and whose law plans the rank): empty / None keep the
     # default family's modules and learning rate (memupdate.memory.adapter.default_family).
     adapter_modules: list[str] = []

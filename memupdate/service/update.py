@@ -1,8 +1,12 @@
 """One knowledge-base update, from request to live: merge facts, plan, train, publish, verify.
 
-The whole knowledge base is retrained into each new version, so the new version recalls the old
-facts and the new ones; a new fact whose prompt already exists with another target replaces the
-old one (the job says how many). The law's rank is chosen for the whole base's ℓ.
+Each new version holds the whole knowledge base: the old facts and the new ones; a new fact whose
+prompt already exists with another target replaces the old one (the job says how many). The law's
+rank is chosen for the whole base's ℓ. Training starts from the live version's adapter when it
+is of the same family (growing its rank if the plan asks for more, never shrinking it), so an
+update costs about what is new; MemFT still stops only when every fact of the base passes. A
+fresh adapter is trained when there is no live version, the family changed, or the warm start
+fails to reach full recall (the job's events say which).
 """
 
 import shutil
@@ -20,6 +24,7 @@ from memupdate.memory.facts import Fact, FactError, check_fact_count
 from memupdate.memory.law import LawPoint
 from memupdate.memory.memft import DEFAULT_MARGIN, Progress, TrainSettings, train_adapter
 from memupdate.memory.planning import PlanReport, plan_update, record_training
+from memupdate.memory.warm_start import WarmStartError
 from memupdate.service.metrics import (
     LAW_RECALL_ERROR,
     PHASE_SECONDS,
@@ -64,6 +69,7 @@ class Runtime:
     registry: Registry
     backend: ServingBackend
     default_max_steps: int = 2000
+    warm_start: bool = True  # start from the live version's adapter when the family matches
     max_facts: int = 100_000
     progress_interval_s: float = 1.0
     serving_wait_s: float = 300.0  # how long to retry unreachable replicas before failing
@@ -166,6 +172,46 @@ def go_live_with_retries(
             delay = min(delay * 2, 30.0)
 
 
+def _train(rt: Runtime, encoded, settings, on_progress, start_from, work: Path, emit: Emit):
+    """Train (warm when `start_from` is given) and save the adapter to work/adapter; a warm start
+    that cannot load or does not reach full recall is followed by a fresh training."""
+
+    def once(source: Path | None):
+        peft_model, result = train_adapter(
+            rt.model, encoded, rt.tokenizer.pad_token_id, settings, on_progress, source
+        )
+        try:
+            if result.success or source is None:
+                peft_model.save_pretrained(work / "adapter")
+        finally:
+            rt.model = peft_model.unload()  # the base model, untouched, for the next job
+        return result
+
+    if start_from is not None:
+        try:
+            result = once(start_from)
+            if result.success:
+                return result
+            why = f"warm start stopped short ({result.stop_reason})"
+        except WarmStartError as err:
+            why = f"warm start failed ({err})"
+        emit("training_fresh", {"message": f"{why}; training a fresh adapter"})
+    return once(None)
+
+
+def warm_start_source(rt: Runtime, kb: str) -> tuple[Path | None, int, str]:
+    """(the live version's adapter folder, its rank, why) when a training can start from it;
+    (None, 0, why not) when it starts fresh."""
+    live = rt.registry.live(kb)
+    if live is None:
+        return None, 0, "fresh adapter: no live version"
+    if not rt.warm_start:
+        return None, 0, "fresh adapter: warm starts are off (warm_start setting)"
+    if live.metadata.get("family") != rt.family.to_dict():
+        return None, 0, f"fresh adapter: v{live.version} was trained with another adapter family"
+    return live.path, live.rank, f"warm start from v{live.version} (rank {live.rank})"
+
+
 def run_update(
     rt: Runtime, request: UpdateRequest, emit: Emit, cancelled: Callable[[], bool]
 ) -> dict:
@@ -174,9 +220,18 @@ def run_update(
     with rt.lock:  # one training on this model at a time
         started = time.monotonic()
         report = _plan_encoded(rt, encoded, request)
+        start_from, live_rank, start_note = warm_start_source(rt, request.kb)
+        if start_from is not None and live_rank > report.rank:  # shrinking would forget
+            report = replace(
+                report,
+                rank=live_rank,
+                adapter_params=live_rank * params_per_rank(rt.model, rt.family),
+            )
         rt.backend.check_rank(report.rank)
-        note = f"{replaced} fact(s) replaced by new targets" if replaced else ""
-        emit("planned", {"plan": report.to_dict(), "replaced": replaced, "message": note})
+        notes = [start_note] + ([f"{replaced} fact(s) replaced by new targets"] if replaced else [])
+        emit(
+            "planned", {"plan": report.to_dict(), "replaced": replaced, "message": "; ".join(notes)}
+        )
         plan_s = time.monotonic() - started
         PHASE_SECONDS.labels("plan").observe(plan_s)
 
@@ -198,13 +253,7 @@ def run_update(
 
         work = Path(tempfile.mkdtemp(prefix="memupdate-job-"))
         try:
-            peft_model, result = train_adapter(
-                rt.model, encoded, rt.tokenizer.pad_token_id, settings, on_progress
-            )
-            try:
-                peft_model.save_pretrained(work / "adapter")
-            finally:
-                rt.model = peft_model.unload()  # the base model, untouched, for the next job
+            result = _train(rt, encoded, settings, on_progress, start_from, work, emit)
             train_s = time.monotonic() - started - plan_s
             PHASE_SECONDS.labels("train").observe(train_s)
             TRAINING_STEPS.inc(result.steps)
@@ -218,6 +267,7 @@ def run_update(
                     "recall": result.recall.to_dict(),
                     "steps": result.steps,
                     "seconds": result.seconds,
+                    "message": f"{result.epochs} epochs, {result.steps} steps",
                 },
             )
             record_training(
@@ -251,6 +301,8 @@ def run_update(
                 {
                     "base_model": rt.identity.to_dict(),
                     "plan": report.to_dict(),
+                    "family": rt.family.to_dict(),  # a later warm start checks it
+                    "start": start_note,
                     "target_fact_recall": request.target_fact_recall,
                     "facts": len(merged),
                     "steps": result.steps,

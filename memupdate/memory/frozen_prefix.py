@@ -1,0 +1,109 @@
+"""Training runs only the adapted layers and the layers above them.
+
+The layers below the first adapted layer never change during a training, so the hidden states
+entering that layer are computed once per fact set and reused by every step: a step runs the
+adapted layer, the layers above it, the final norm and the output head at target positions only.
+In fp32 the result equals the full model's to float rounding (tests/test_recall_and_memft.py).
+
+Batches are right-padded and run without a padding mask: under causal attention a position never
+sees the positions after it, so padding at the end cannot change any real position's output.
+"""
+
+from contextlib import contextmanager
+
+import torch
+from transformers.masking_utils import create_causal_mask
+
+from memupdate.memory.encoding import EncodedFact
+from memupdate.memory.recall import Batch, collate
+
+
+def first_adapted_layer(family) -> int:
+    return min(family.layers) if family.layers is not None else 0
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextmanager
+def eager_attention_on_cpu(model):
+    """Plain (eager) attention while training on CPU: for these short sequences under bf16 it
+    is faster than PyTorch's SDPA kernels (bench/throughput.py); restored afterwards."""
+    base = _base(model)
+    before = base.config._attn_implementation
+    on_cpu = next(base.parameters()).device.type == "cpu"
+    if on_cpu and before != "eager":
+        base.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if on_cpu and before != "eager":
+            base.set_attn_implementation(before)
+
+
+def _run_layers(decoder, hidden: torch.Tensor, layers) -> torch.Tensor:
+    """Decoder layers `layers` on `hidden` (batch, width, d), as the decoder's own forward runs
+    them (causal mask and rotary embeddings from its own helpers)."""
+    positions = torch.arange(hidden.shape[1])[None]
+    mask = create_causal_mask(
+        config=decoder.config,
+        inputs_embeds=hidden,
+        attention_mask=None,
+        past_key_values=None,
+        position_ids=positions,
+    )
+    rotary = decoder.rotary_emb(hidden, position_ids=positions)
+    for layer in layers:
+        hidden = layer(
+            hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions
+        )
+    return hidden
+
+
+class FrozenPrefix:
+    """The hidden states entering layer `first` for every fact (one tensor per fact)."""
+
+    def __init__(self, model, facts: list[EncodedFact], pad_id: int, first: int, batch: int = 32):
+        self.facts = facts
+        self.pad_id = pad_id
+        self.first = first
+        decoder = _base(model).get_decoder()
+        self.states: list[torch.Tensor] = []
+        with torch.no_grad():
+            for start in range(0, len(facts), batch):
+                chunk = facts[start : start + batch]
+                ids = collate(chunk, pad_id).input_ids
+                hidden = _run_layers(decoder, decoder.embed_tokens(ids), decoder.layers[:first])
+                for h, fact in zip(hidden, chunk, strict=True):
+                    self.states.append(h[: fact.length].clone())
+
+    def batch(self, indices: list[int]) -> tuple[Batch, torch.Tensor]:
+        """The collated batch of these facts and their padded cached states."""
+        batch = collate([self.facts[i] for i in indices], self.pad_id)
+        states = torch.zeros((len(indices), batch.input_ids.shape[1], self.states[0].shape[-1]))
+        for row, i in enumerate(indices):
+            states[row, : self.states[i].shape[0]] = self.states[i]
+        return batch, states
+
+    def target_logprobs(self, model, indices: list[int]) -> tuple[torch.Tensor, Batch]:
+        """Log-probability of every target token of these facts (flat, in batch order), running
+        only layers `first` and above."""
+        base = _base(model)
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+        batch, states = self.batch(indices)
+        hidden = _run_layers(decoder, states, decoder.layers[self.first :])
+        hidden = decoder.norm(hidden[batch.rows, batch.cols])
+        logits = head(hidden).float()
+        logp = torch.log_softmax(logits, dim=-1).gather(1, batch.labels[:, None]).squeeze(1)
+        return logp, batch
+
+    def token_probabilities(self, model, batch_size: int = 32) -> list[torch.Tensor]:
+        """Teacher-forced probability of each target token, one tensor per fact (no gradient)."""
+        out: list[torch.Tensor] = []
+        with torch.no_grad():
+            for start in range(0, len(self.facts), batch_size):
+                indices = list(range(start, min(start + batch_size, len(self.facts))))
+                logp, batch = self.target_logprobs(model, indices)
+                out.extend(torch.split(logp.exp(), batch.sizes))
+        return out
