@@ -37,7 +37,8 @@ demo: setup
 	$(PY) examples/demo.py
 
 bench: setup
-	cd bench && ../$(PY) memft_vs_uniform.py && ../$(PY) margin_drift.py
+	cd bench && ../$(PY) throughput.py && ../$(PY) memft_vs_uniform.py --kinds all \
+		&& ../$(PY) margin_drift.py
 
 # Regenerate the gRPC code from proto/ (tests/test_proto.py checks it is in sync).
 proto: setup

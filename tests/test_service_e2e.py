@@ -46,6 +46,7 @@ def test_submit_watch_live_update_and_rollback(service):
             assert kind in kinds
         planned = next(e for e in events if e.kind == "planned")
         assert planned.plan.sequence_length_tokens > 0 and planned.plan.rank == 8
+        assert "fresh adapter: no live version" in planned.message
         assert job.serving_recall.fact_recall == 1.0 and job.version == 1
         for prompt, target in pairs(FIRST):
             assert ask(service.vllm_url, "phones", prompt).startswith(target)
@@ -58,6 +59,8 @@ def test_submit_watch_live_update_and_rollback(service):
         planned = next(e for e in events if e.kind == "planned")
         assert planned.plan.facts == 7 and planned.plan.replaced_facts == 1
         assert "1 fact(s) replaced" in planned.message
+        # It trained from v1's adapter: the old facts it still holds passed from the start.
+        assert "warm start from v1 (rank 8)" in planned.message
         for prompt, target in [CHANGED, *pairs(FIRST[1:]), *pairs(SECOND)]:
             assert ask(service.vllm_url, "phones", prompt).startswith(target)
 

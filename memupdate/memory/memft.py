@@ -144,21 +144,33 @@ def weighted_loss(
 
 class _PassState:
     """What the latest visit of each fact showed: passed (every token above the stopping
-    threshold), solid (every token above the training threshold), tokens above 0.5."""
+    threshold), solid (every token above the training threshold, or known: passed at the first
+    check and at every visit since), tokens above 0.5."""
 
     def __init__(self, facts: list[EncodedFact], settings: TrainSettings):
         self.threshold = settings.threshold
         self.solid_threshold = settings.weight_threshold
         self.passed = [False] * len(facts)
         self.solid = [False] * len(facts)
+        # Facts that already pass when training starts (a warm start's old facts) count as
+        # solid until a visit finds them failing: they are replayed, not retrained to 0.9, so
+        # an update costs what is new.
+        self.known: list[bool] | None = None
         self.good_tokens = [0] * len(facts)
         self.total_tokens = sequence_length(facts)
 
     def update(self, index: int, probs: torch.Tensor) -> None:
         lowest = probs.min()
         self.passed[index] = bool(lowest > self.threshold)
-        self.solid[index] = bool(lowest > self.solid_threshold)
+        if self.known is not None and not self.passed[index]:
+            self.known[index] = False
+        known = self.known is not None and self.known[index]
+        self.solid[index] = bool(lowest > self.solid_threshold) or known
         self.good_tokens[index] = int((probs > PASS_PROBABILITY).sum())
+
+    def first_check_done(self) -> None:
+        self.known = list(self.passed)
+        self.solid = [s or k for s, k in zip(self.solid, self.known, strict=True)]
 
     def token_recall(self) -> float:
         return sum(self.good_tokens) / self.total_tokens
@@ -262,6 +274,7 @@ def _train(peft_model, facts, pad_id, settings, on_progress, token_weights) -> T
         return report
 
     loss_before = check_every_fact().mean_loss_nats
+    state.first_check_done()
     eta = _Eta()
     stop_reason = ""
     peft_model.train()

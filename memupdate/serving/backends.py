@@ -26,6 +26,9 @@ from memupdate.serving.vllm_client import (
 from memupdate.serving.vllm_server import ManagedVLLM
 
 log = logging.getLogger("memupdate.serving.backends")
+# Facts decoded greedily at go-live (the weakest by served probability; every fact is checked
+# teacher-forced). Decoding one sequence at a time is what a check spends most of its time on.
+GO_LIVE_GREEDY_FACTS = 8
 
 
 class RankLimitError(ValueError):
@@ -143,10 +146,11 @@ def verify_and_go_live(
     facts: list[EncodedFact],
     tokenizer,
     target_fact_recall: float,
-    greedy_limit: int | None = 64,
+    greedy_limit: int | None = GO_LIVE_GREEDY_FACTS,
 ) -> GoLiveResult:
-    """Stage `version` on every replica, measure recall through each, and make it live only if
-    every replica reaches the target fact recall and reproduces the sampled facts greedily."""
+    """Stage `version` on every replica, measure recall through each (every fact teacher-forced,
+    the `greedy_limit` weakest decoded greedily), and make it live only if every replica reaches
+    the target fact recall and reproduces those facts greedily."""
     backend.ensure_up(registry)
     name = staging_name(version)
     results: dict[str, ServingRecall] = {}
