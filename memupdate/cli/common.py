@@ -13,6 +13,7 @@ from memupdate.memory.base_model import (
 )
 from memupdate.memory.encoding import encode_facts, model_context_length
 from memupdate.memory.facts import DEFAULT_MAX_FACTS, load_facts
+from memupdate.memory.planning import plan_update
 
 
 class Base:
@@ -29,6 +30,18 @@ class Base:
 
     def encode(self, path: str, max_facts: int):
         return self.encode_facts(load_facts(path, max_facts=max_facts))
+
+    def plan(self, facts, family: AdapterFamily, args):
+        """The law's plan for these facts at --target-recall, within --max-rank."""
+        return plan_update(
+            self.model,
+            facts,
+            self.pad_id,
+            self.identity,
+            family,
+            args.target_recall,
+            max_rank=args.max_rank,
+        )
 
     def family(self, args) -> AdapterFamily:
         layers = "default"

@@ -21,7 +21,7 @@ from memupdate.memory.fact_sets import KINDS, phonebook_facts
 from memupdate.memory.facts import FactError, write_facts
 from memupdate.memory.law import LawError, LawPoint
 from memupdate.memory.memft import DEFAULT_MARGIN, MODES, Progress, TrainSettings, train_adapter
-from memupdate.memory.planning import DEFAULT_MAX_RANK, plan_update, record_training
+from memupdate.memory.planning import DEFAULT_MAX_RANK, record_training
 from memupdate.memory.recall import greedy_check, greedy_continuation, locality, measure_recall
 from memupdate.memory.tiny_model import prepare_tiny_model
 
@@ -49,15 +49,7 @@ def cmd_plan(args) -> int:
     base = Base(args.model)
     facts = base.encode(args.facts, args.max_facts)
     family = base.family(args)
-    report = plan_update(
-        base.model,
-        facts,
-        base.pad_id,
-        base.identity,
-        family,
-        args.target_recall,
-        max_rank=args.max_rank,
-    )
+    report = base.plan(facts, family, args)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
@@ -86,15 +78,7 @@ def cmd_train(args) -> int:
     family = base.family(args)
     plan = None
     if args.rank is None:
-        plan = plan_update(
-            base.model,
-            facts,
-            base.pad_id,
-            base.identity,
-            family,
-            args.target_recall,
-            max_rank=args.max_rank,
-        )
+        plan = base.plan(facts, family, args)
         print(f"law chose rank {plan.rank} for ℓ={plan.sequence_length} ({plan.law})")
     rank = args.rank or plan.rank
     settings = TrainSettings(
