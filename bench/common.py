@@ -52,7 +52,14 @@ def kinds(args) -> list[str]:
 def train(load, facts, rank: int, seed: int, max_steps: int, mode: str = "memft", **settings):
     """One training of a fresh base model with the default family; the TrainResult. Extra
     keyword arguments go to TrainSettings, except `token_weights` (to train_adapter)."""
+    return train_and_measure(load, facts, rank, seed, max_steps, mode, measure=False, **settings)[0]
+
+
+def train_and_measure(load, facts, rank, seed, max_steps, mode="memft", measure=True, **settings):
+    """(TrainResult, LocalityReport or None): a training as `train` does, then, with `measure`,
+    the adapter's locality."""
     from memupdate.memory.adapter import default_family
+    from memupdate.memory.locality import measure_locality, retain_set
     from memupdate.memory.memft import TrainSettings, train_adapter
 
     model, tok = load()
@@ -61,4 +68,8 @@ def train(load, facts, rank: int, seed: int, max_steps: int, mode: str = "memft"
     config = TrainSettings(
         rank=rank, mode=mode, seed=seed, family=family, max_steps=max_steps, **settings
     )
-    return train_adapter(model, facts, tok.pad_token_id, config, token_weights=weights)[1]
+    retain = retain_set(model, tok, family, seed=seed)
+    peft_model, result = train_adapter(
+        model, facts, tok.pad_token_id, config, token_weights=weights, retain=retain
+    )
+    return result, measure_locality(peft_model, tok) if measure else None

@@ -17,6 +17,7 @@ from common import setup
 from memupdate.memory.adapter import default_family
 from memupdate.memory.encoding import encode_facts, model_context_length
 from memupdate.memory.facts import load_facts
+from memupdate.memory.locality import retain_set
 from memupdate.memory.memft import TrainSettings, train_adapter
 from memupdate.memory.recall import token_probabilities
 from memupdate.serving.backends import ManagedBackend, verify_and_go_live
@@ -42,7 +43,9 @@ def main() -> None:
 
     t0 = time.monotonic()
     settings = TrainSettings(rank=4, family=default_family(model.config.num_hidden_layers))
-    peft_model, result = train_adapter(model, encoded, tok.pad_token_id, settings)
+    peft_model, result = train_adapter(
+        model, encoded, tok.pad_token_id, settings, retain=retain_set(model, tok, settings.family)
+    )
     peft_model.save_pretrained(work / "adapter")
     train_s = time.monotonic() - t0
     hf = torch.cat(token_probabilities(peft_model, encoded, tok.pad_token_id))

@@ -78,9 +78,11 @@ def sequential(model, work: Path, count: int, rank: int) -> None:
         with service.client(timeout_s=120) as client:
             total = time.monotonic()
             for i in range(count):
-                took, job, _ = update(client, "seq", facts[10 * i : 10 * i + 10], rank)
+                took, job, events = update(client, "seq", facts[10 * i : 10 * i + 10], rank)
                 print(
-                    f"  update {i + 1:2d}/{count}: {took:5.1f} s, version {job.version}", flush=True
+                    f"  update {i + 1:2d}/{count}: {took:5.1f} s, version {job.version} "
+                    f"({phases(events)})",
+                    flush=True,
                 )
             total = time.monotonic() - total
         exact = sum(
@@ -103,20 +105,22 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     args = p.parse_args()
     model = prepare_default_model()
-    bases = [int(b) for b in args.bases.split(",")]
+    bases = [int(b) for b in args.bases.split(",") if b]
     fresh_bases = {int(b) for b in args.fresh_bases.split(",") if b}
     with tempfile.TemporaryDirectory(prefix="memupdate-incremental-") as tmp:
         work = Path(tmp)
         env = {"MEMUPDATE_PROBE_INTERVAL_S": "0"}
-        service = ServiceProcess(work / "bases", model, "--max-lora-rank", "32", env=env)
-        service.start()
-        try:
-            warm, fresh = run_bases(service, bases, fresh_bases, args.rank)
-        finally:
-            service.stop()
-        print(f"\nadding 10 facts, seconds from submit to live (rank {args.rank}):")
-        first = bases[0]
+        warm, fresh = {}, {}
+        if bases:
+            service = ServiceProcess(work / "bases", model, "--max-lora-rank", "32", env=env)
+            service.start()
+            try:
+                warm, fresh = run_bases(service, bases, fresh_bases, args.rank)
+            finally:
+                service.stop()
+            print(f"\nadding 10 facts, seconds from submit to live (rank {args.rank}):")
         for size in bases:
+            first = bases[0]
             line = f"  base {size:4d}: warm {warm[size]:6.1f} s ({warm[size] / warm[first]:.2f}x)"
             if size in fresh and first in fresh:
                 line += (

@@ -12,6 +12,7 @@ import torch
 from common import fact_set, kinds, parser, setup
 
 from memupdate.memory.adapter import default_family
+from memupdate.memory.locality import retain_set
 from memupdate.memory.memft import TrainSettings, train_adapter
 from memupdate.memory.recall import PASS_PROBABILITY, token_probabilities
 
@@ -28,7 +29,9 @@ def main() -> None:
         family=default_family(model.config.num_hidden_layers),
         max_steps=args.max_steps,
     )
-    peft_model, res = train_adapter(model, facts, tok.pad_token_id, settings)
+    peft_model, res = train_adapter(
+        model, facts, tok.pad_token_id, settings, retain=retain_set(model, tok, settings.family)
+    )
     fp32 = torch.cat(token_probabilities(peft_model, facts, tok.pad_token_id))
     bf16 = torch.cat(token_probabilities(peft_model.to(torch.bfloat16), facts, tok.pad_token_id))
     shift = (bf16.float() - fp32).abs()

@@ -18,6 +18,7 @@ from memupdate.memory.calibration import budget_steps, phonebook_source
 from memupdate.memory.encoding import encode_facts, model_context_length
 from memupdate.memory.fact_sets import DIGIT_BITS
 from memupdate.memory.law import ParametricMemoryLaw, UnreachableTarget
+from memupdate.memory.locality import retain_set
 from memupdate.memory.memft import TrainSettings, train_adapter
 from memupdate.memory.recall import measure_recall
 
@@ -57,7 +58,11 @@ def main() -> None:
         m, t = load()
         steps = budget_steps(law.training, len(facts))
         _, res = train_adapter(
-            m, facts, t.pad_token_id, TrainSettings(rank=rank, family=family, max_steps=steps)
+            m,
+            facts,
+            t.pad_token_id,
+            TrainSettings(rank=rank, family=family, max_steps=steps),
+            retain=retain_set(m, t, family),
         )
         return res.recall.fact_recall
 

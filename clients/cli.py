@@ -51,6 +51,13 @@ def _print_job(job: pb.Job) -> None:
         print(f"  serving: {_recall(job.serving_recall)}")
 
 
+def _locality(loc: pb.Locality) -> str:
+    return (
+        f"token agreement with the base {loc.token_agreement:.3f}, "
+        f"{loc.prompts_unchanged:.2f} of {loc.prompts} general prompts answered unchanged"
+    )
+
+
 def _print_probe(probe: pb.RecallProbe) -> None:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(probe.unix_seconds))
     head = f"  last probe ({probe.source}, v{probe.version}, {when}):"
@@ -58,6 +65,8 @@ def _print_probe(probe: pb.RecallProbe) -> None:
         print(f"{head} FAILED, vLLM not measured: {probe.reason}")
         return
     print(f"{head} {_recall(probe.recall)}")
+    if probe.HasField("locality"):
+        print(f"  locality: {_locality(probe.locality)}")
     if probe.regressed:
         print(f"  REGRESSION: {probe.reason}")
         for f in probe.flipped:
@@ -71,6 +80,8 @@ def _print_kb(kb: pb.KnowledgeBase) -> None:
             f"  target fact recall {kb.target_fact_recall:.3f}, "
             f"verified at go-live {kb.verified_fact_recall:.3f}"
         )
+    if kb.HasField("verified_locality"):
+        print(f"  locality at go-live: {_locality(kb.verified_locality)}")
     if kb.HasField("last_probe"):
         _print_probe(kb.last_probe)
     for v in kb.versions:

@@ -117,6 +117,7 @@ def main() -> int:
             if final.state != pb.LIVE:
                 print(f"job ended {pb.JobState.Name(final.state)}: {final.message}")
                 return 1
+            locality = client.describe("demo-news").verified_locality
 
         print(f"\n{'prompt':58s} | {'base model':24s} | updated (knowledge base 'demo-news')")
         exact = 0
@@ -134,6 +135,11 @@ def main() -> int:
             f"\nserving recall through vLLM: fact recall {sr.fact_recall:.3f}, token recall "
             f"{sr.token_recall:.3f}, lowest p {sr.min_probability:.3f}; greedy exact "
             f"{exact}/{len(facts)}; submit to live in {live_after:.0f} s"
+        )
+        print(
+            f"locality through vLLM: {locality.token_agreement:.3f} of next-token answers on "
+            f"{locality.prompts} general prompts unchanged from the base model, "
+            f"{locality.prompts_unchanged:.2f} of those prompts answered exactly as before"
         )
         return 0 if exact == len(facts) else 1
     finally:

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from memupdate.memory.adapter import choose_family
+from memupdate.memory.locality import prepare as prepare_locality
 from memupdate.memory.base_model import load_model, model_identity, resolve_model_dir
 from memupdate.service.config import ServiceConfig
 from memupdate.service.jobs import JobStore
@@ -138,6 +139,7 @@ def _start_on(config, store, registry, folder, identity, server, port, metrics_s
                 model.config.num_hidden_layers,
                 tuple(config.adapter_modules) or None,
                 learning_rate=config.adapter_learning_rate,
+                locality_weight=config.adapter_locality_weight,
             ),
             registry,
             backend,
@@ -149,6 +151,7 @@ def _start_on(config, store, registry, folder, identity, server, port, metrics_s
 
     backend = build_backend(config, folder, registry)
     worker_rt, plan_rt = runtime(backend), runtime(backend)
+    prepare_locality(worker_rt.model, worker_rt.tokenizer, worker_rt.family)
     worker = Worker(store, worker_rt)
     monitor = RecallMonitor(
         registry,

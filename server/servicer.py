@@ -14,7 +14,7 @@ from memupdate.service.metrics import forget_knowledge_base
 from memupdate.service.monitor import RecallMonitor
 from memupdate.service.update import Runtime, UpdateRequest, plan, prepare
 from memupdate.serving.backends import rollback, verify_and_go_live
-from memupdate.serving.probes import worst_fact_recall
+from memupdate.serving.probes import worst_fact_recall, worst_locality
 from memupdate.serving.registry import RegistryError
 from memupdate.serving.vllm_client import ServingError, serving_recall, worst_replica
 from memupdate.v1 import memupdate_pb2 as pb
@@ -89,6 +89,10 @@ def job_pb(job: J.JobRecord) -> pb.Job:
     )
 
 
+def locality_pb(data: dict | None) -> pb.Locality | None:
+    return pb.Locality(**data) if data else None
+
+
 def probe_pb(at: float, data: dict) -> pb.RecallProbe:
     ok = "recall" in data
     return pb.RecallProbe(
@@ -100,6 +104,7 @@ def probe_pb(at: float, data: dict) -> pb.RecallProbe:
         reason=data.get("reason") or data.get("error", ""),
         flipped=[pb.FlippedFact(**f) for f in data.get("flipped", [])],
         source=data.get("source", ""),
+        locality=locality_pb(data.get("locality")),
     )
 
 
@@ -197,6 +202,7 @@ class Servicer(pb_grpc.KnowledgeUpdateServicer):
             target_fact_recall=live.target_fact_recall if live else 0.0,
             verified_fact_recall=worst_fact_recall(live.serving) if live and live.serving else 0.0,
             last_probe=probe_pb(*last) if last else None,
+            verified_locality=locality_pb(worst_locality(live.serving) if live else None),
             versions=[
                 pb.Version(
                     version=v.version,

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 from tools import tool_missing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +23,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess:
 def test_rules_are_valid():
     out = promtool("check", "rules", "deploy/prometheus/alerts.yml")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 7 rules found" in out.stdout
+    assert "SUCCESS: 9 rules found" in out.stdout
 
 
 def test_rule_unit_tests_pass():
@@ -30,16 +31,28 @@ def test_rule_unit_tests_pass():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_rule_unit_tests_catch_a_broken_rule(tmp_path):
-    """The unit tests are not vacuous: a rule with the wrong threshold fails them."""
-    broken = (
-        (ROOT / "deploy/prometheus/alerts.yml")
-        .read_text()
-        .replace(
+@pytest.mark.parametrize(
+    "right, wrong, alert",
+    [
+        (
             "memupdate_kb_fact_recall < memupdate_kb_target_fact_recall",
             "memupdate_kb_fact_recall < 0.1 * memupdate_kb_target_fact_recall",
-        )
-    )
+            "MemupdateRecallBelowTarget",
+        ),
+        (
+            "memupdate_kb_verified_locality - memupdate_kb_locality > 0.02",
+            "memupdate_kb_verified_locality - memupdate_kb_locality > 0.2",
+            "MemupdateLocalityDroppedSincePublish",
+        ),
+    ],
+)
+def test_rule_unit_tests_catch_a_broken_rule(tmp_path, right, wrong, alert):
+    """The unit tests are not vacuous: a rule with the wrong threshold fails them."""
+    if PROMTOOL is None:
+        tool_missing("promtool missing: `make test` installs Debian's prometheus")
+    rules = (ROOT / "deploy/prometheus/alerts.yml").read_text()
+    assert right in rules
+    broken = rules.replace(right, wrong)
     (tmp_path / "deploy/prometheus").mkdir(parents=True)
     (tmp_path / "tests/prometheus").mkdir(parents=True)
     (tmp_path / "deploy/prometheus/alerts.yml").write_text(broken)
@@ -50,7 +63,7 @@ def test_rule_unit_tests_catch_a_broken_rule(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert out.returncode != 0 and "MemupdateRecallBelowTarget" in out.stdout + out.stderr
+    assert out.returncode != 0 and alert in out.stdout + out.stderr
 
 
 def exported_metric_names() -> set[str]:

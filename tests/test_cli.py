@@ -64,10 +64,13 @@ def test_train_writes_adapter_and_report(tiny_dir, facts_file, tmp_path, capsys)
     assert report["greedy"]["exact"] == report["greedy"]["checked"] == 8
     assert report["rank"] == 8 and report["adapter_params"] > 0
     assert report["base_model"]["name"] == "tiny-llama"
-    assert 0 <= report["locality"] <= 1
+    loc = report["locality"]
+    assert 0 <= loc["token_agreement"] <= 1 and loc["tokens"] >= 1000 and loc["prompts"] == 48
+    assert report["family"]["locality_weight"] == 4.0  # the default family trains with the term
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in out.iterdir()}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".adapter")]  # no temp left
-    assert "every target token passed" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "every target token passed" in shown and "locality: token agreement" in shown
 
     assert main(["compare", str(facts_file), "--adapter", str(out), "--model", str(tiny_dir)]) == 0
     assert "greedy verbatim: 8/8 facts" in capsys.readouterr().out

@@ -6,6 +6,7 @@ from memupdate.memory.adapter import default_family
 from memupdate.memory.base_model import IDENTITY_FILE, load_model, model_identity
 from memupdate.memory.encoding import encode_facts, model_context_length
 from memupdate.memory.fact_sets import phonebook_facts
+from memupdate.memory.locality import retain_set
 from memupdate.memory.memft import TrainSettings, train_adapter
 from memupdate.memory.recall import greedy_check, measure_recall
 
@@ -28,7 +29,9 @@ def test_memft_teaches_new_facts_verbatim(default):
     before = measure_recall(model, facts, tok.pad_token_id)
     assert before.fact_recall == 0.0  # random phone numbers: the base model knows none
     settings = TrainSettings(rank=4, family=default_family(30), max_steps=600)
-    peft_model, result = train_adapter(model, facts, tok.pad_token_id, settings)
+    peft_model, result = train_adapter(
+        model, facts, tok.pad_token_id, settings, retain=retain_set(model, tok, settings.family)
+    )
     assert result.success, result.recall
     assert result.recall.fact_recall == 1.0 and result.recall.min_prob > 0.5 + settings.margin
     # All target tokens past 0.5 => greedy decoding from the prompt reproduces every target.

@@ -1,6 +1,7 @@
 """`make demo`'s script on the default model: the service end to end, once, through gRPC and
 vLLM (the other service tests use the tiny model)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,4 +25,5 @@ def test_demo_takes_the_example_facts_live_on_the_default_model(default_dir):
     for kind in ("planned", "trained", "published", "serving_verified", "live"):
         assert f"] {kind}:" in out
     assert "greedy exact 12/12" in out and "fact recall 1.000" in out
+    assert re.search(r"locality through vLLM: [01]\.\d{3} of next-token answers on 48", out)
     assert "stopped the service and its vLLM" in out

@@ -78,6 +78,15 @@ def test_metrics_endpoint_documents_the_job(stack):
     ):
         assert line in text, line
     assert f'memupdate_vllm_replica_up{{replica="{service.vllm_url}"}} 1.0' in text
+    # Locality through vLLM: measured at go-live, which is also the first probe.
+    gauges = {
+        name: float(line.split()[-1])
+        for line in text.splitlines()
+        for name in ("memupdate_kb_locality", "memupdate_kb_verified_locality")
+        if line.startswith(f'{name}{{knowledge_base="phones"}}')
+    }
+    assert len(gauges) == 2 and len(set(gauges.values())) == 1, gauges
+    assert 0 <= gauges["memupdate_kb_locality"] <= 1
     # Everything the service started (gRPC, metrics, its vLLM) listens on loopback only.
     addresses = listening_addresses(service.process.pid)
     vllm_port = int(service.vllm_url.rsplit(":", 1)[1])
@@ -113,11 +122,14 @@ def test_recall_regression_fires_the_alert_and_republish_resolves_it(stack, tiny
         assert "below the target" in probe.reason
         assert probe.flipped and all(f.min_probability <= 0.5 for f in probe.flipped)
         assert {f.prompt for f in probe.flipped} <= {p for p, _ in FACTS}
+        # The impostor's B matrices are zero: through vLLM it answers exactly as the base.
+        assert probe.locality.token_agreement == 1.0 and probe.locality.prompts_unchanged == 1.0
 
     server = ["--server", f"127.0.0.1:{service.port}"]
     assert cli_main([*server, "status", "phones"]) == 0
     shown = capsys.readouterr().out
     assert "REGRESSION: fact recall" in shown and "lowest p" in shown
+    assert "locality: token agreement with the base 1.000" in shown
     with capsys.disabled():
         print(shown)
     with service.client() as client:

@@ -7,6 +7,7 @@ import time
 from dataclasses import replace
 
 import pytest
+import torch
 from openai_api import ask
 
 from memupdate.memory.adapter import choose_family, default_family
@@ -14,6 +15,7 @@ from memupdate.memory.base_model import load_model
 from memupdate.memory.encoding import encode_facts
 from memupdate.memory.fact_sets import phonebook_facts
 from memupdate.memory.facts import Fact
+from memupdate.memory.locality import retain_set
 from memupdate.memory.memft import TrainSettings, train_adapter
 from memupdate.serving.backends import (
     ExternalBackend,
@@ -36,9 +38,9 @@ def train(tiny_dir, facts, out, max_steps=800):
     model, tok = load_model(tiny_dir)
     encoded = encode_facts(facts, tok, 256)
     family = replace(default_family(model.config.num_hidden_layers), learning_rate=1e-2)
-    peft_model, result = train_adapter(
-        model, encoded, tok.pad_token_id, TrainSettings(rank=8, family=family, max_steps=max_steps)
-    )
+    settings = TrainSettings(rank=8, family=family, max_steps=max_steps)
+    retain = retain_set(model, tok, family)
+    peft_model, result = train_adapter(model, encoded, tok.pad_token_id, settings, retain=retain)
     peft_model.save_pretrained(out)
     return encoded, result
 
@@ -265,7 +267,9 @@ def test_an_adapter_of_the_down_proj_family_is_served_with_its_recall(stack, tin
     family = choose_family(model.config.num_hidden_layers, ("down_proj",), learning_rate=1e-2)
     encoded = encode_facts(OLD, tok, 256)
     settings = TrainSettings(rank=8, family=family, max_steps=800)
-    peft_model, trained = train_adapter(model, encoded, tok.pad_token_id, settings)
+    peft_model, trained = train_adapter(
+        model, encoded, tok.pad_token_id, settings, retain=retain_set(model, tok, settings.family)
+    )
     assert trained.success
     peft_model.save_pretrained(tmp_path / "down")
     version = registry.publish("kb-down", tmp_path / "down", {"facts": len(encoded)}, facts=OLD)
@@ -274,3 +278,37 @@ def test_an_adapter_of_the_down_proj_family_is_served_with_its_recall(stack, tin
     [served] = result.per_replica.values()
     assert served.recall.fact_recall == 1.0 and served.greedy_exact == len(OLD)
     assert served.recall.min_prob == pytest.approx(trained.recall.min_prob, abs=1e-3)
+
+
+def test_go_live_measures_locality_through_vllm_as_the_trainer_does(stack, adapters, tiny_dir):
+    """The go-live check records the adapter's locality through vLLM; on the same prompts and
+    base continuations it matches what the trainer's measurement computes in-process."""
+    from peft import PeftModel
+
+    from memupdate.memory.frozen_prefix import first_adapted_layer
+    from memupdate.memory.locality import _reference
+
+    registry, backend, _ = stack
+    model, tok = load_model(tiny_dir)
+    path, encoded = adapters["v2"]
+    version = registry.publish("loc", path, {"facts": len(encoded)})
+    result = verify_and_go_live(registry, backend, version, encoded, tok, 1.0)
+    assert result.live, result.reason
+    [served] = result.per_replica.values()
+    loc = served.locality
+    assert loc is not None and loc.prompts == 48 and loc.tokens >= 48
+    assert f"locality {loc.token_agreement:.3f}" in result.reason
+    # Stored with the version and as its first probe (what the gauge and status read).
+    [record] = registry.live("loc").serving.values()
+    assert record["locality"]["token_agreement"] == loc.token_agreement
+    assert registry.last_probe("loc")[1]["locality"] == loc.to_dict()
+
+    peft_model = PeftModel.from_pretrained(model, path)
+    family = default_family(model.config.num_hidden_layers)
+    ref = _reference(peft_model, tok, first_adapted_layer(family), "measure")
+    asked = [i for i, s in enumerate(ref.sequences) if s.source.startswith("measure-prompt")]
+    with torch.no_grad():
+        _, agree, sizes = ref.compare(peft_model, asked)
+    in_process = [bool(a.all()) for a in torch.split(agree, sizes)]
+    assert abs(sum(in_process) / len(in_process) - loc.prompts_unchanged) <= 1 / 48
+    assert abs(float(agree.float().mean()) - loc.token_agreement) <= 0.02

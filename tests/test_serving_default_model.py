@@ -9,6 +9,7 @@ from openai_api import ask
 from memupdate.memory.adapter import default_family
 from memupdate.memory.encoding import encode_facts, model_context_length
 from memupdate.memory.facts import load_facts
+from memupdate.memory.locality import retain_set
 from memupdate.memory.memft import TrainSettings, train_adapter
 from memupdate.memory.recall import measure_recall
 from memupdate.serving.backends import ManagedBackend, verify_and_go_live
@@ -24,7 +25,9 @@ def test_example_facts_go_live_and_are_answered_through_vllm(default, default_di
     facts = load_facts(EXAMPLES)
     encoded = encode_facts(facts, tok, model_context_length(model))
     settings = TrainSettings(rank=4, family=default_family(30), max_steps=800)
-    peft_model, result = train_adapter(model, encoded, tok.pad_token_id, settings)
+    peft_model, result = train_adapter(
+        model, encoded, tok.pad_token_id, settings, retain=retain_set(model, tok, settings.family)
+    )
     assert result.success, result.recall
     trained = measure_recall(peft_model, encoded, tok.pad_token_id)
     peft_model.save_pretrained(tmp_path / "adapter")

@@ -48,7 +48,9 @@ class Base:
         if args.layers:
             layers = None if args.layers == "all" else tuple(int(x) for x in args.layers.split(","))
         modules = tuple(args.modules.split(",")) if args.modules else None
-        return choose_family(self.model.config.num_hidden_layers, modules, layers, args.lr)
+        return choose_family(
+            self.model.config.num_hidden_layers, modules, layers, args.lr, args.locality_weight
+        )
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -56,6 +58,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-facts", type=int, default=DEFAULT_MAX_FACTS)
     p.add_argument("--layers", help="layers to adapt: comma list or 'all' (default: 2/3 depth)")
     p.add_argument("--lr", type=float, help="learning rate (default: the family's)")
+    p.add_argument(
+        "--locality-weight",
+        type=float,
+        help="weight of the locality term (KL to the base on unrelated text; 0: off; "
+        "default: the family's)",
+    )
     p.add_argument(
         "--modules",
         help="projections to adapt, comma list (default: all attention and MLP projections)",

@@ -20,9 +20,10 @@ from memupdate.memory.encoding import sequence_length
 from memupdate.memory.fact_sets import KINDS, phonebook_facts
 from memupdate.memory.facts import FactError, write_facts
 from memupdate.memory.law import LawError, LawPoint
+from memupdate.memory.locality import measure_locality, retain_set
 from memupdate.memory.memft import DEFAULT_MARGIN, MODES, Progress, TrainSettings, train_adapter
 from memupdate.memory.planning import DEFAULT_MAX_RANK, record_training
-from memupdate.memory.recall import greedy_check, greedy_continuation, locality, measure_recall
+from memupdate.memory.recall import greedy_check, greedy_continuation, measure_recall
 from memupdate.memory.tiny_model import prepare_tiny_model
 
 
@@ -104,9 +105,13 @@ def cmd_train(args) -> int:
             left="?" if p.eta_seconds is None else f"~{p.eta_seconds:.0f}s",
         )
 
-    peft_model, result = train_adapter(base.model, facts, base.pad_id, settings, show)
+    retain = retain_set(base.model, base.tokenizer, family, seed=args.seed)
+    peft_model, result = train_adapter(
+        base.model, facts, base.pad_id, settings, show, retain=retain
+    )
     bar.close()
     greedy = greedy_check(peft_model, facts, base.pad_id, limit=args.greedy_sample)
+    locality = measure_locality(peft_model, base.tokenizer)
     report = {
         "success": result.success,
         "stop_reason": result.stop_reason,
@@ -129,7 +134,7 @@ def cmd_train(args) -> int:
             "exact": greedy.exact,
             "mismatches": greedy.mismatches,
         },
-        "locality": locality(peft_model, base.tokenizer),
+        "locality": locality.to_dict(),
         "history": result.history,
     }
     # Written next to the destination and renamed: a crash never leaves a half adapter.
@@ -155,6 +160,7 @@ def cmd_train(args) -> int:
             source=f"train:{out.name}",
             steps=result.steps,
             facts=len(facts),
+            locality=locality.token_agreement,
         ),
     )
     if law_file:
@@ -167,8 +173,9 @@ def cmd_train(args) -> int:
     )
     print(
         f"steps {result.steps}, tokens {result.tokens_processed:,}, {result.seconds:.1f} s; "
-        f"greedy exact {greedy.exact}/{greedy.checked}; locality {report['locality']:.2f}"
+        f"greedy exact {greedy.exact}/{greedy.checked}"
     )
+    print(locality.line())
     if not result.success:
         print(f"still missing ({len(r.failing)} facts): {', '.join(r.failing[:10])}")
     print(f"adapter and report.json in {out}")

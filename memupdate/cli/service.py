@@ -21,6 +21,7 @@ def cmd_serve(args) -> int:
         vllm_port=args.vllm_port,
         adapter_modules=args.adapter_modules.split(",") if args.adapter_modules else None,
         adapter_learning_rate=args.adapter_lr,
+        adapter_locality_weight=args.adapter_locality_weight,
     )
     serve(config)
     return 0
@@ -47,4 +48,9 @@ def add_commands(sub) -> None:
         "the law is looked up for this family",
     )
     srv.add_argument("--adapter-lr", type=float, help="the adapter family's learning rate")
+    srv.add_argument(
+        "--adapter-locality-weight",
+        type=float,
+        help="the adapter family's locality weight (0: no locality term)",
+    )
     srv.set_defaults(func=cmd_serve)

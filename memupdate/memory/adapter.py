@@ -10,6 +10,10 @@ ATTENTION_AND_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 # Ranks the planner may choose from. vLLM's --max-lora-rank must be one of
 # 1, 8, 16, 32, 64, 128, 256, 320, 512, but any adapter rank up to that slot size is served.
 RANK_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# The default family's locality weight. Measured (bench/locality.py, docs/benchmarks.md): on 20
+# phone numbers, weight 0 / 1 / 4 / 16 kept 0.84 / 0.96 / 0.97 / 0.98 of next-token answers on
+# unrelated text, at 1.0 / 1.7 / 2.5 / 3.7 times the training time.
+DEFAULT_LOCALITY_WEIGHT = 4.0
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,9 @@ class AdapterFamily:
     # recalled facts flip back and forth (docs/memory.md, "Adapter family").
     learning_rate: float = 1e-3
     dropout: float = 0.0
+    # Weight of the training's locality term: KL to the base model's next-token distributions on
+    # unrelated text, added to the fact loss (memory/locality.py). 0 turns it off.
+    locality_weight: float = 0.0
 
     def lora_config(self, rank: int):
         from peft import LoraConfig
@@ -41,11 +48,14 @@ class AdapterFamily:
         data = asdict(self)
         data["target_modules"] = list(self.target_modules)
         data["layers"] = list(self.layers) if self.layers is not None else None
+        if not self.locality_weight:  # as recorded before the term existed: their laws still fit
+            del data["locality_weight"]
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "AdapterFamily":
         data = dict(data)
+        data.setdefault("locality_weight", 0.0)  # families recorded before the term existed
         data["target_modules"] = tuple(data["target_modules"])
         if data.get("layers") is not None:
             data["layers"] = tuple(data["layers"])
@@ -55,7 +65,10 @@ class AdapterFamily:
 def default_family(num_layers: int) -> AdapterFamily:
     """All attention and MLP projections of one layer at two thirds of the depth (the paper's
     placement: layer 20 of Qwen3-8B's 36, 18 of Llama's 32); for SmolLM2-135M, layer 20 of 30."""
-    return AdapterFamily(layers=(min(num_layers - 1, (2 * num_layers) // 3),))
+    return AdapterFamily(
+        layers=(min(num_layers - 1, (2 * num_layers) // 3),),
+        locality_weight=DEFAULT_LOCALITY_WEIGHT,
+    )
 
 
 def check_modules(modules) -> list[str]:
@@ -71,6 +84,7 @@ def choose_family(
     modules: tuple[str, ...] | None = None,
     layers: tuple[int, ...] | None | str = "default",
     learning_rate: float | None = None,
+    locality_weight: float | None = None,
 ) -> AdapterFamily:
     """The default family with any setting a user gave replaced (command flags, service
     config). `layers=None` means every layer; "default" keeps the family's placement."""
@@ -82,6 +96,8 @@ def choose_family(
         family = replace(family, layers=layers)
     if learning_rate:
         family = replace(family, learning_rate=learning_rate)
+    if locality_weight is not None:
+        family = replace(family, locality_weight=locality_weight)
     return family
 
 

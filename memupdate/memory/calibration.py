@@ -24,6 +24,7 @@ from memupdate.memory.adapter import AdapterFamily, params_per_rank
 from memupdate.memory.encoding import EncodedFact, sequence_length
 from memupdate.memory.fact_sets import phonebook_facts
 from memupdate.memory.law import LawError, LawPoint, ParametricMemoryLaw, log_errors
+from memupdate.memory.locality import measure_locality, retain_set
 from memupdate.memory.memft import Progress, TrainSettings, train_adapter
 
 
@@ -136,7 +137,12 @@ def calibrate(
             batch_size=grid.batch_size,
         )
         peft_model, result = train_adapter(
-            model, facts, tokenizer.pad_token_id, settings, lambda p, key=key: on_progress(key, p)
+            model,
+            facts,
+            tokenizer.pad_token_id,
+            settings,
+            lambda p, key=key: on_progress(key, p),
+            retain=retain_set(model, tokenizer, family, seed=seed),
         )
         point = LawPoint(
             rank=rank,
@@ -149,6 +155,7 @@ def calibrate(
             source=key,
             steps=result.steps,
             facts=len(facts),
+            locality=measure_locality(peft_model, tokenizer).token_agreement,
         )
         append_point(path, point)
         done[key] = point

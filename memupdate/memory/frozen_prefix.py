@@ -86,15 +86,19 @@ class FrozenPrefix:
             states[row, : self.states[i].shape[0]] = self.states[i]
         return batch, states
 
-    def target_logprobs(self, model, indices: list[int]) -> tuple[torch.Tensor, Batch]:
-        """Log-probability of every target token of these facts (flat, in batch order), running
-        only layers `first` and above."""
+    def target_logits(self, model, indices: list[int]) -> tuple[torch.Tensor, Batch]:
+        """Next-token logits at every target position of these facts (flat, in batch order),
+        running only layers `first` and above."""
         base = _base(model)
         decoder, head = base.get_decoder(), base.get_output_embeddings()
         batch, states = self.batch(indices)
         hidden = _run_layers(decoder, states, decoder.layers[self.first :])
         hidden = decoder.norm(hidden[batch.rows, batch.cols])
-        logits = head(hidden).float()
+        return head(hidden).float(), batch
+
+    def target_logprobs(self, model, indices: list[int]) -> tuple[torch.Tensor, Batch]:
+        """Log-probability of every target token of these facts (flat, in batch order)."""
+        logits, batch = self.target_logits(model, indices)
         logp = torch.log_softmax(logits, dim=-1).gather(1, batch.labels[:, None]).squeeze(1)
         return logp, batch
 

@@ -56,6 +56,7 @@ class LawPoint:
     source: str = ""  # calibration run or job that produced the point
     steps: int = 0  # optimizer steps the training took (0: not recorded)
     facts: int = 0  # facts the ℓ target tokens came in
+    locality: float | None = None  # token agreement with the base (memory/locality.py)
 
     @property
     def stopped(self) -> bool:

@@ -33,6 +33,7 @@ from memupdate.memory.frozen_prefix import (
     eager_attention_on_cpu,
     first_adapted_layer,
 )
+from memupdate.memory.locality import RetainSet
 from memupdate.memory.recall import PASS_PROBABILITY, RecallReport, measure_recall, summarize
 from memupdate.memory.warm_start import warm_start
 
@@ -67,6 +68,12 @@ class TrainSettings:
     # choice): with AdamW, dividing by a shrinking count of unlearned tokens makes the late steps
     # large and knocks passed facts back (bench/memft_vs_uniform.py, memft-paper-meanall).
     mean_over_all: bool = True
+    # Learning-rate warm-up, in steps: Adam's first steps move every weight by about the full
+    # learning rate whatever its gradient, which knocks a warm start's known facts back.
+    warmup_steps: int = 0
+    # MemFT: the tokens of solid facts a batch replays get weight 1 (plain cross-entropy, small
+    # at high p) instead of 0, so the replay anchors them instead of only watching them.
+    anchor_solid: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -218,19 +225,25 @@ def train_adapter(
     on_progress: Callable[[Progress], None] | None = None,
     start_from: Path | None = None,
     token_weights: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
+    retain: RetainSet | None = None,
 ):
     """Wrap `model` with a LoRA adapter (fresh, or grown from the adapter saved in `start_from`,
     memory/warm_start.py) and train it. Returns (peft_model, TrainResult). Call
     `peft_model.unload()` afterwards to get the untouched base model back. `token_weights`
-    replaces the mode's weighting (benchmarks of MemFT variants)."""
+    replaces the mode's weighting (benchmarks of MemFT variants). A family with a locality
+    weight needs `retain` (memory/locality.py: retain_set)."""
     from peft import get_peft_model
 
+    if settings.family.locality_weight and retain is None:
+        raise ValueError("this adapter family has a locality term: pass retain=retain_set(...)")
     torch.manual_seed(settings.seed)
     peft_model = get_peft_model(model, settings.family.lora_config(settings.rank))
     try:
         if start_from is not None:
             warm_start(peft_model, start_from)
-        return peft_model, _train(peft_model, facts, pad_id, settings, on_progress, token_weights)
+        return peft_model, _train(
+            peft_model, facts, pad_id, settings, on_progress, token_weights, retain
+        )
     except BaseException:
         # get_peft_model changed `model` in place: an exception (a cancelled job, an adapter
         # that does not fit) must not leave LoRA layers in the caller's model.
@@ -238,13 +251,14 @@ def train_adapter(
         raise
 
 
-def _train(peft_model, facts, pad_id, settings, on_progress, token_weights) -> TrainResult:
+def _train(peft_model, facts, pad_id, settings, on_progress, token_weights, retain) -> TrainResult:
     rng = random.Random(settings.seed)
     weigh = token_weights or (threshold_weights if settings.mode == "memft" else uniform_weights)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.family.learning_rate, weight_decay=0.0)
+    warmup = max(1, settings.warmup_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: max(0.0, 1.0 - s / settings.max_steps)
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / settings.max_steps)
     )
     start = time.monotonic()
     prefix = FrozenPrefix(peft_model, facts, pad_id, first_adapted_layer(settings.family))
@@ -297,11 +311,25 @@ def _train(peft_model, facts, pad_id, settings, on_progress, token_weights) -> T
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
                     logp, batch = prefix.target_logprobs(peft_model, chosen)
                 logp = logp.float()
+                solid = torch.tensor(
+                    [
+                        state.solid[i]
+                        for i, n in zip(chosen, batch.sizes, strict=True)
+                        for _ in range(n)
+                    ]
+                )
                 for i, p in zip(chosen, torch.split(logp.detach().exp(), batch.sizes), strict=True):
                     state.update(i, p)
                 weights = weigh(logp, settings.weight_threshold)
+                if settings.anchor_solid:
+                    weights = torch.where(solid, 1.0, weights)
                 loss = weighted_loss(logp, weights, settings.mean_over_all)
                 if loss is not None:
+                    if retain is not None:  # stay close to the base model on unrelated text
+                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+                            kl, retain_tokens = retain.kl(peft_model)
+                        loss = loss + settings.family.locality_weight * kl
+                        counts["tokens"] += retain_tokens
                     loss.backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)

@@ -9,7 +9,6 @@ number says which one it is:
 """
 
 import math
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -17,26 +16,6 @@ import torch
 from memupdate.memory.encoding import EncodedFact
 
 PASS_PROBABILITY = 0.5
-
-# Unrelated prompts for the locality check: an adapter should leave their continuations alone.
-CONTROL_PROMPTS = (
-    "The capital of France is",
-    "Water boils at a temperature of",
-    "The largest planet in the solar system is",
-    "def add(a, b):\n    return",
-    "Photosynthesis is the process by which",
-    "The first president of the United States was",
-    "A triangle has three",
-    "To make a cup of tea, first",
-    "The chemical symbol for gold is",
-    "Once upon a time, there was a",
-    "The speed of light is about",
-    "In machine learning, overfitting means",
-    "The Great Wall of China was built to",
-    "Shakespeare wrote the play",
-    "The square root of 81 is",
-    "Monday comes after",
-)
 
 
 @dataclass
@@ -179,14 +158,3 @@ def greedy_check(model, facts: list[EncodedFact], pad_id: int, limit: int = 64) 
         if greedy_continuation(model, f.prompt_ids, len(f.target_ids), pad_id) != list(f.target_ids)
     ]
     return GreedyReport(len(checked), len(checked) - len(mismatches), mismatches)
-
-
-def locality(model, tokenizer, new_tokens: int = 8, prompts=CONTROL_PROMPTS) -> float:
-    """Share of unrelated prompts whose greedy continuation the adapter leaves unchanged."""
-    pad_id = tokenizer.pad_token_id
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
-    disable = getattr(model, "disable_adapter", None)
-    with disable() if disable else nullcontext():
-        base = [greedy_continuation(model, ids, new_tokens, pad_id) for ids in encoded]
-    adapted = [greedy_continuation(model, ids, new_tokens, pad_id) for ids in encoded]
-    return sum(a == b for a, b in zip(adapted, base, strict=True)) / len(prompts)

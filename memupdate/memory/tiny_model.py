@@ -8,14 +8,32 @@ from pathlib import Path
 
 from memupdate.memory.base_model import prepare_model_folder
 from memupdate.memory.fact_sets import phonebook_facts
-from memupdate.memory.recall import CONTROL_PROMPTS
 
 TINY_MODEL_NAME = "tiny-llama"
+# General text beside the facts, so the tokenizer knows ordinary words too.
+GENERAL_TEXT = (
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "The largest planet in the solar system is",
+    "def add(a, b):\n    return",
+    "Photosynthesis is the process by which",
+    "The first president of the United States was",
+    "A triangle has three",
+    "To make a cup of tea, first",
+    "The chemical symbol for gold is",
+    "Once upon a time, there was a",
+    "The speed of light is about",
+    "In machine learning, overfitting means",
+    "The Great Wall of China was built to",
+    "Shakespeare wrote the play",
+    "The square root of 81 is",
+    "Monday comes after",
+)
 
 
 def _corpus() -> list[str]:
     facts = phonebook_facts(400, seed=12345)
-    return [f"{f.prompt}{f.target}" for f in facts] + list(CONTROL_PROMPTS) * 4
+    return [f"{f.prompt}{f.target}" for f in facts] + list(GENERAL_TEXT) * 4
 
 
 def _build(out: Path, seed: int = 0) -> None:

@@ -12,7 +12,7 @@ import time
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
-from memupdate.serving.probes import worst_fact_recall
+from memupdate.serving.probes import worst_fact_recall, worst_locality
 
 JOB_TRANSITIONS = Counter(
     "memupdate_job_transitions",
@@ -86,6 +86,14 @@ class KnowledgeBaseCollector:
             "law_predicted_fact_recall",
             "Fact recall the law predicted at the chosen rank (absent when no law was used).",
         )
+        locality = gauge(
+            "locality",
+            "Locality through vLLM at the last successful probe: share of next-token argmaxes "
+            "on general prompts the adapter leaves as the base model's (0..1).",
+        )
+        verified_locality = gauge(
+            "verified_locality", "Locality through vLLM measured when the version went live."
+        )
         since = gauge("seconds_since_last_probe", "Seconds since the last successful recall probe.")
         regressed = gauge("regressed", "1 if the last successful probe found a recall regression.")
         info = InfoMetricFamily(
@@ -109,6 +117,8 @@ class KnowledgeBaseCollector:
                 predicted.add_metric([kb], plan["predicted_fact_recall"])
             if live.serving:
                 verified.add_metric([kb], worst_fact_recall(live.serving))
+                if (worst := worst_locality(live.serving)) is not None:
+                    verified_locality.add_metric([kb], worst["token_agreement"])
             last = self.registry.last_probe(kb, only_ok=True)
             if last is not None and last[1]["version"] == live.version:
                 at, probe = last
@@ -117,8 +127,10 @@ class KnowledgeBaseCollector:
                 min_p.add_metric([kb], probe["recall"]["min_prob"])
                 since.add_metric([kb], now - at)
                 regressed.add_metric([kb], float(probe["regressed"]))
+                if probe.get("locality"):
+                    locality.add_metric([kb], probe["locality"]["token_agreement"])
         yield from (fact, token, target, verified, min_p, facts, rank, params, predicted)
-        yield from (since, regressed, info)
+        yield from (locality, verified_locality, since, regressed, info)
 
 
 class JobCollector:

@@ -22,6 +22,7 @@ from memupdate.memory.base_model import ModelIdentity
 from memupdate.memory.encoding import EncodedFact, encode_facts, model_context_length
 from memupdate.memory.facts import Fact, FactError, check_fact_count
 from memupdate.memory.law import LawPoint
+from memupdate.memory.locality import measure_locality, retain_set
 from memupdate.memory.memft import DEFAULT_MARGIN, Progress, TrainSettings, train_adapter
 from memupdate.memory.planning import PlanReport, plan_update, record_training
 from memupdate.memory.warm_start import WarmStartError
@@ -173,25 +174,35 @@ def go_live_with_retries(
 
 
 def _train(rt: Runtime, encoded, settings, on_progress, start_from, work: Path, emit: Emit):
-    """Train (warm when `start_from` is given) and save the adapter to work/adapter; a warm start
-    that cannot load or does not reach full recall is followed by a fresh training."""
+    """Train (warm when `start_from` is given), save the adapter to work/adapter and measure its
+    locality; (TrainResult, LocalityReport or None). A warm start that cannot load or does not
+    reach full recall is followed by a fresh training."""
 
     def once(source: Path | None):
+        retain = retain_set(rt.model, rt.tokenizer, settings.family, seed=settings.seed)
         peft_model, result = train_adapter(
-            rt.model, encoded, rt.tokenizer.pad_token_id, settings, on_progress, source
+            rt.model,
+            encoded,
+            rt.tokenizer.pad_token_id,
+            settings,
+            on_progress,
+            source,
+            retain=retain,
         )
+        locality = None
         try:
             if result.success or source is None:
                 peft_model.save_pretrained(work / "adapter")
+                locality = measure_locality(peft_model, rt.tokenizer)
         finally:
             rt.model = peft_model.unload()  # the base model, untouched, for the next job
-        return result
+        return result, locality
 
     if start_from is not None:
         try:
-            result = once(start_from)
+            result, locality = once(start_from)
             if result.success:
-                return result
+                return result, locality
             why = f"warm start stopped short ({result.stop_reason})"
         except WarmStartError as err:
             why = f"warm start failed ({err})"
@@ -253,7 +264,7 @@ def run_update(
 
         work = Path(tempfile.mkdtemp(prefix="memupdate-job-"))
         try:
-            result = _train(rt, encoded, settings, on_progress, start_from, work, emit)
+            result, locality = _train(rt, encoded, settings, on_progress, start_from, work, emit)
             train_s = time.monotonic() - started - plan_s
             PHASE_SECONDS.labels("train").observe(train_s)
             TRAINING_STEPS.inc(result.steps)
@@ -265,9 +276,11 @@ def run_update(
                 "trained",
                 {
                     "recall": result.recall.to_dict(),
+                    "locality": locality.to_dict() if locality else None,
                     "steps": result.steps,
                     "seconds": result.seconds,
-                    "message": f"{result.epochs} epochs, {result.steps} steps",
+                    "message": f"{result.epochs} epochs, {result.steps} steps"
+                    + (f"; {locality.line()}" if locality else ""),
                 },
             )
             record_training(
@@ -284,6 +297,7 @@ def run_update(
                     source=f"job:{request.kb}",
                     steps=result.steps,
                     facts=len(encoded),
+                    locality=locality.token_agreement if locality else None,
                 ),
             )
             if not result.success:
@@ -307,6 +321,7 @@ def run_update(
                     "facts": len(merged),
                     "steps": result.steps,
                     "training_recall": result.recall.to_dict(),
+                    "locality": locality.to_dict() if locality else None,
                 },
                 merged,
             )

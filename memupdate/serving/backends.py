@@ -186,7 +186,13 @@ def verify_and_go_live(
         version,
         True,
         results,
-        f"live on {len(results)} replica(s), serving fact recall {worst.recall.fact_recall:.3f}",
+        f"live on {len(results)} replica(s), serving fact recall {worst.recall.fact_recall:.3f}"
+        + (
+            f", locality {worst.locality.token_agreement:.3f}"
+            f" ({worst.locality.prompts_unchanged:.2f} of prompts unchanged)"
+            if worst.locality
+            else ""
+        ),
     )
 
 

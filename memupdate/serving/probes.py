@@ -12,6 +12,13 @@ def worst_fact_recall(serving: dict) -> float:
     return min(r["recall"]["fact_recall"] for r in serving.values())
 
 
+def worst_locality(serving: dict) -> dict | None:
+    """The go-live locality of the replica with the lowest token agreement (None for versions
+    verified before locality was measured)."""
+    measured = [r["locality"] for r in serving.values() if r.get("locality")]
+    return min(measured, key=lambda m: m["token_agreement"]) if measured else None
+
+
 def probe_record(
     version: Version,
     result: ServingRecall,

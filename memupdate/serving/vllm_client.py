@@ -5,14 +5,29 @@ import json
 import math
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from memupdate.memory.encoding import EncodedFact
+from memupdate.memory.locality import GREEDY_TOKENS, locality_prompts
 from memupdate.memory.recall import RecallReport, summarize
 
 
 class ServingError(RuntimeError):
     """The server refused a request or could not be reached."""
+
+
+@dataclass(frozen=True)
+class ServingLocality:
+    """Locality through the server: the adapter against the base model on the general prompts
+    of memory/locality.py, each followed by the base's greedy continuation, teacher-forced."""
+
+    token_agreement: float  # continuation positions whose argmax the adapter leaves unchanged
+    prompts_unchanged: float  # prompts where it leaves every one unchanged (greedy output)
+    prompts: int
+    tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -21,6 +36,7 @@ class ServingRecall:
     greedy_checked: int
     greedy_exact: int  # greedy completions equal to the target text
     greedy_mismatches: list[str]
+    locality: ServingLocality | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -28,6 +44,7 @@ class ServingRecall:
             "greedy_checked": self.greedy_checked,
             "greedy_exact": self.greedy_exact,
             "greedy_mismatches": self.greedy_mismatches[:50],
+            "locality": self.locality.to_dict() if self.locality else None,
         }
 
 
@@ -40,6 +57,9 @@ class VLLMClient:
     def __init__(self, url: str, timeout_s: float = 120.0):
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
+        # The base model's answers to the locality prompts: the base never changes under a
+        # running server, so they are asked once.
+        self._base_locality: tuple[list[list[int]], list[list[int]]] | None = None
 
     def _request(self, method: str, path: str, body: dict | None = None, timeout_s=None):
         data = json.dumps(body).encode() if body is not None else None
@@ -80,6 +100,9 @@ class VLLMClient:
 
     def unload_adapter(self, name: str) -> None:
         self._request("POST", "/v1/unload_lora_adapter", {"lora_name": name})
+
+    def base_model_name(self) -> str:
+        return next(m["id"] for m in self.models() if not m.get("parent"))
 
     def served_adapters(self) -> dict[str, str]:
         """Adapter name -> path, for the adapters the server has loaded."""
@@ -127,6 +150,49 @@ class VLLMClient:
                     texts[i] = choice["text"]
         return texts
 
+    def greedy_ids(self, model: str, prompts: list[list[int]], tokens: int) -> list[list[int]]:
+        """Greedy continuation of each prompt, as token ids."""
+        out: list[list[int]] = []
+        for chunk in _chunks(prompts):
+            answer = self.complete(model, chunk, tokens, return_token_ids=True)
+            out.extend(choice["token_ids"] for choice in _in_order(answer))
+        return out
+
+    def argmax_tokens(self, model: str, sequences: list[list[int]], starts: list[int]):
+        """The server's most likely next token at every position of each sequence from
+        `starts[i]` on, teacher-forced (from `prompt_logprobs`)."""
+        out: list[list[int]] = []
+        for chunk in _chunks(list(range(len(sequences)))):
+            answer = self.complete(model, [sequences[i] for i in chunk], 1, prompt_logprobs=1)
+            for i, choice in zip(chunk, _in_order(answer), strict=True):
+                positions = choice["prompt_logprobs"][starts[i] :]
+                out.append(
+                    [next(int(t) for t, e in p.items() if e["rank"] == 1) for p in positions]
+                )
+        return out
+
+    def locality(self, adapter: str, prompts: list[list[int]], tokens: int) -> ServingLocality:
+        """The adapter against the base on `prompts` followed by the base's greedy
+        continuations of `tokens` tokens (both asked once per client)."""
+        if self._base_locality is None:
+            base = self.base_model_name()
+            continuations = self.greedy_ids(base, prompts, tokens)
+            sequences = [p + c for p, c in zip(prompts, continuations, strict=True)]
+            starts = [len(p) for p in prompts]
+            self._base_locality = (sequences, self.argmax_tokens(base, sequences, starts))
+        sequences, base_top = self._base_locality
+        top = self.argmax_tokens(adapter, sequences, [len(p) for p in prompts])
+        same = [
+            [a == b for a, b in zip(x, y, strict=True)] for x, y in zip(top, base_top, strict=True)
+        ]
+        tokens_seen = sum(len(s) for s in same)
+        return ServingLocality(
+            token_agreement=sum(map(sum, same)) / max(1, tokens_seen),
+            prompts_unchanged=sum(all(s) for s in same) / len(same),
+            prompts=len(same),
+            tokens=tokens_seen,
+        )
+
 
 def _chunks(facts: list, size: int = 32):
     for start in range(0, len(facts), size):
@@ -144,7 +210,7 @@ def serving_recall(
     tokenizer,
     greedy_limit: int | None = None,
 ) -> ServingRecall:
-    """Recall of `facts` through the server under the name `model`."""
+    """Recall of `facts` through the server under the name `model`, and its locality."""
     import torch
 
     probs = [torch.tensor(p) for p in client.target_probabilities(model, facts)]
@@ -161,4 +227,6 @@ def serving_recall(
         for f, text in zip(checked, texts, strict=True)
         if text != tokenizer.decode(list(f.target_ids))
     ]
-    return ServingRecall(report, len(checked), len(checked) - len(mismatches), mismatches)
+    prompts = [tokenizer(p)["input_ids"] for p in locality_prompts()]
+    locality = client.locality(model, prompts, GREEDY_TOKENS)
+    return ServingRecall(report, len(checked), len(checked) - len(mismatches), mismatches, locality)

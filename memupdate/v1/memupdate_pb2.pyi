@@ -217,7 +217,7 @@ class RecallReport(_message.Message):
     def __init__(self, facts: _Optional[int] = ..., target_tokens: _Optional[int] = ..., token_recall: _Optional[float] = ..., fact_recall: _Optional[float] = ..., min_probability: _Optional[float] = ..., min_probability_fact: _Optional[str] = ..., greedy_checked: _Optional[int] = ..., greedy_exact: _Optional[int] = ...) -> None: ...
 
 class KnowledgeBase(_message.Message):
-    __slots__ = ("name", "live_version", "versions", "facts", "target_fact_recall", "verified_fact_recall", "last_probe")
+    __slots__ = ("name", "live_version", "versions", "facts", "target_fact_recall", "verified_fact_recall", "last_probe", "verified_locality")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +225,7 @@ class KnowledgeBase(_message.Message):
     TARGET_FACT_RECALL_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_FACT_RECALL_FIELD_NUMBER: _ClassVar[int]
     LAST_PROBE_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_LOCALITY_FIELD_NUMBER: _ClassVar[int]
     name: str
     live_version: int
     versions: _containers.RepeatedCompositeFieldContainer[Version]
@@ -232,10 +233,23 @@ class KnowledgeBase(_message.Message):
     target_fact_recall: float
     verified_fact_recall: float
     last_probe: RecallProbe
-    def __init__(self, name: _Optional[str] = ..., live_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[Version, _Mapping]]] = ..., facts: _Optional[int] = ..., target_fact_recall: _Optional[float] = ..., verified_fact_recall: _Optional[float] = ..., last_probe: _Optional[_Union[RecallProbe, _Mapping]] = ...) -> None: ...
+    verified_locality: Locality
+    def __init__(self, name: _Optional[str] = ..., live_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[Version, _Mapping]]] = ..., facts: _Optional[int] = ..., target_fact_recall: _Optional[float] = ..., verified_fact_recall: _Optional[float] = ..., last_probe: _Optional[_Union[RecallProbe, _Mapping]] = ..., verified_locality: _Optional[_Union[Locality, _Mapping]] = ...) -> None: ...
+
+class Locality(_message.Message):
+    __slots__ = ("token_agreement", "prompts_unchanged", "prompts", "tokens")
+    TOKEN_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_UNCHANGED_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    token_agreement: float
+    prompts_unchanged: float
+    prompts: int
+    tokens: int
+    def __init__(self, token_agreement: _Optional[float] = ..., prompts_unchanged: _Optional[float] = ..., prompts: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class RecallProbe(_message.Message):
-    __slots__ = ("version", "unix_seconds", "reached_serving", "recall", "regressed", "reason", "flipped", "source")
+    __slots__ = ("version", "unix_seconds", "reached_serving", "recall", "regressed", "reason", "flipped", "source", "locality")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UNIX_SECONDS_FIELD_NUMBER: _ClassVar[int]
     REACHED_SERVING_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +258,7 @@ class RecallProbe(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     FLIPPED_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LOCALITY_FIELD_NUMBER: _ClassVar[int]
     version: int
     unix_seconds: float
     reached_serving: bool
@@ -252,7 +267,8 @@ class RecallProbe(_message.Message):
     reason: str
     flipped: _containers.RepeatedCompositeFieldContainer[FlippedFact]
     source: str
-    def __init__(self, version: _Optional[int] = ..., unix_seconds: _Optional[float] = ..., reached_serving: _Optional[bool] = ..., recall: _Optional[_Union[RecallReport, _Mapping]] = ..., regressed: _Optional[bool] = ..., reason: _Optional[str] = ..., flipped: _Optional[_Iterable[_Union[FlippedFact, _Mapping]]] = ..., source: _Optional[str] = ...) -> None: ...
+    locality: Locality
+    def __init__(self, version: _Optional[int] = ..., unix_seconds: _Optional[float] = ..., reached_serving: _Optional[bool] = ..., recall: _Optional[_Union[RecallReport, _Mapping]] = ..., regressed: _Optional[bool] = ..., reason: _Optional[str] = ..., flipped: _Optional[_Iterable[_Union[FlippedFact, _Mapping]]] = ..., source: _Optional[str] = ..., locality: _Optional[_Union[Locality, _Mapping]] = ...) -> None: ...
 
 class FlippedFact(_message.Message):
     __slots__ = ("fact", "prompt", "min_probability")

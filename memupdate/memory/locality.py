@@ -1,0 +1,258 @@
+"""Locality: what an adapter changes in answers that have nothing to do with its facts.
+
+An application sends every prompt to the adapter, not only the ones about its facts, so an
+update must leave everything else alone. Three figures, computed the same way wherever locality
+is reported (training report, calibration points, job events and registry metadata):
+- token agreement: on the measurement text (locality_text/measure.txt, written for this project;
+  5,201 tokens on SmolLM2), the share of positions whose next-token argmax the adapter leaves
+  unchanged, teacher-forced (the editing field's locality, as EasyEdit computes it);
+- KL: the mean KL(base || adapted) per position on the same text, over the base model's top 32
+  tokens and the rest of the vocabulary as one bucket (merging tokens can only lower a KL, so
+  this is a lower bound of the full one);
+- prompts unchanged: the share of the 48 general prompts (locality_text/measure_prompts.txt)
+  whose 16-token greedy continuation the adapter leaves unchanged. It is computed teacher-forced
+  on the base model's own greedy continuation: greedy decoding of the adapted model gives the
+  same tokens exactly when its argmax agrees with the base's at every one of those positions.
+
+Training keeps locality with a KL term on other text (retain.txt and retain_prompts.txt with the
+base's continuations): the text that measures is never the text that trains.
+
+Everything runs on the layers from the first adapted one up (memory/frozen_prefix.py): below it
+the adapted and the base model are the same, so those hidden states are computed once per base
+model and kept for the life of the process, with the base model's answers.
+"""
+
+import random
+from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from memupdate.memory.encoding import EncodedFact
+from memupdate.memory.frozen_prefix import FrozenPrefix, first_adapted_layer
+
+TEXT_FOLDER = Path(__file__).parent / "locality_text"
+TOP_K = 32  # base-model tokens kept per position for the KL
+WINDOW = 128  # tokens per sequence cut from the measurement text
+# Tokens per sequence cut from the retain text: short, so the term adds little to a step.
+RETAIN_WINDOW = 32
+GREEDY_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class LocalityReport:
+    token_agreement: float  # share of next-token argmaxes unchanged on the measurement text
+    kl_nats: float  # mean KL(base || adapted) per position on that text (top-32 bound)
+    prompts_unchanged: float  # share of general prompts whose greedy-16 output is unchanged
+    tokens: int  # positions measured on the text
+    prompts: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        return (
+            f"locality: token agreement {self.token_agreement:.3f}, KL {self.kl_nats:.4f} nats, "
+            f"{self.prompts_unchanged:.2f} of {self.prompts} prompts unchanged"
+        )
+
+
+def passages(name: str) -> list[str]:
+    """The paragraphs of a shipped text file (blank-line separated)."""
+    text = (TEXT_FOLDER / name).read_text()
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+def prompts(name: str) -> list[str]:
+    return [line.strip() for line in (TEXT_FOLDER / name).read_text().splitlines() if line.strip()]
+
+
+def locality_prompts() -> list[str]:
+    """The general prompts locality is measured on (also through vLLM)."""
+    return prompts("measure_prompts.txt")
+
+
+def _windows(tokenizer, texts: list[str], tag: str, width: int) -> list[EncodedFact]:
+    """Each passage cut into windows of `width` tokens; every position after the first is
+    measured (as the 'target' of a fact whose prompt is the first token)."""
+    out: list[EncodedFact] = []
+    for i, text in enumerate(texts):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), width):
+            window = ids[start : start + width]
+            if len(window) >= 8:
+                out.append(
+                    EncodedFact(len(out), f"{tag}:{i}", tuple(window[:1]), tuple(window[1:]))
+                )
+    return out
+
+
+def _base_only(model):
+    """The base model's answers: the adapter switched off (when there is one)."""
+    disable = getattr(model, "disable_adapter", None)
+    return disable() if disable is not None else nullcontext()
+
+
+def _greedy_continuations(model, tokenizer, texts: list[str], tag: str) -> list[EncodedFact]:
+    """Each prompt with the base model's greedy continuation of GREEDY_TOKENS tokens (or up to
+    its end-of-sequence token) as the 'target'."""
+    encoded = [tokenizer(t)["input_ids"] for t in texts]
+    width = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id
+    # Left padding, so every row's next token follows its own prompt.
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    with torch.no_grad(), _base_only(model):
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=GREEDY_TOKENS,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+    facts = []
+    for i, prompt in enumerate(encoded):
+        continuation = out[i, width:].tolist()
+        if tokenizer.eos_token_id in continuation:  # keep the end token, drop what follows
+            continuation = continuation[: continuation.index(tokenizer.eos_token_id) + 1]
+        facts.append(EncodedFact(i, f"{tag}:{i}", tuple(prompt), tuple(continuation)))
+    return facts
+
+
+class Reference:
+    """Sequences with the base model's next-token answers at every measured position (the top
+    TOP_K log-probabilities and their token ids) and the hidden states entering the first
+    adapted layer."""
+
+    def __init__(self, model, sequences: list[EncodedFact], pad_id: int, first: int):
+        self.sequences = sequences
+        with _base_only(model):
+            self.prefix = FrozenPrefix(model, sequences, pad_id, first)
+            self.top_logp: list[torch.Tensor] = []
+            self.top_ids: list[torch.Tensor] = []
+            with torch.no_grad():
+                for start in range(0, len(sequences), 16):
+                    indices = list(range(start, min(start + 16, len(sequences))))
+                    logits, batch = self.prefix.target_logits(model, indices)
+                    top = torch.log_softmax(logits, dim=-1).topk(TOP_K, dim=-1)
+                    self.top_logp.extend(torch.split(top.values, batch.sizes))
+                    self.top_ids.extend(torch.split(top.indices, batch.sizes))
+
+    def compare(self, model, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(KL per position, argmax agreement per position, positions per sequence) of `model`
+        against the base on these sequences; the KL carries gradients."""
+        logits, batch = self.prefix.target_logits(model, indices)
+        base_logp = torch.cat([self.top_logp[i] for i in indices])
+        base_ids = torch.cat([self.top_ids[i] for i in indices])
+        agree = logits.argmax(dim=-1) == base_ids[:, 0]
+        return top_k_kl(base_logp, base_ids, logits), agree, batch.sizes
+
+
+def top_k_kl(base_logp: torch.Tensor, base_ids: torch.Tensor, logits: torch.Tensor):
+    """KL(base || model) per position over the base's top-k tokens plus one bucket for the rest
+    of the vocabulary."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(1, base_ids)
+    p = base_logp.exp()
+    rest_p = (1 - p.sum(-1)).clamp_min(1e-8)
+    rest_q = (1 - logp.exp().sum(-1)).clamp_min(1e-8)
+    return (p * (base_logp - logp)).sum(-1) + rest_p * (rest_p.log() - rest_q.log())
+
+
+# References per (base model, first adapted layer, text), kept while the process uses them: the
+# base does not change, and building one costs a full forward pass over the text. A service
+# holds one base model; the bound keeps test runs that load many from holding them all.
+_references: OrderedDict[tuple, tuple[object, Reference]] = OrderedDict()
+_KEEP = 4
+
+
+def _reference(model, tokenizer, first: int, kind: str) -> Reference:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    key = (id(base), first, kind)
+    if key not in _references:
+        texts, questions = f"{kind}.txt", f"{kind}_prompts.txt"
+        width = WINDOW if kind == "measure" else RETAIN_WINDOW
+        sequences = _windows(tokenizer, passages(texts), kind, width) + _greedy_continuations(
+            model, tokenizer, prompts(questions), f"{kind}-prompt"
+        )
+        sequences = [
+            EncodedFact(i, s.source, s.prompt_ids, s.target_ids) for i, s in enumerate(sequences)
+        ]
+        # The model object is kept with its reference, so its id cannot be reused meanwhile.
+        _references[key] = (base, Reference(model, sequences, tokenizer.pad_token_id, first))
+        while len(_references) > _KEEP:
+            _references.popitem(last=False)
+    _references.move_to_end(key)
+    return _references[key][1]
+
+
+def _first_lora_layer(model) -> int:
+    """The lowest decoder layer holding a LoRA matrix (0 when it cannot tell)."""
+    found = [
+        int(part)
+        for name, _ in model.named_modules()
+        if name.endswith("lora_A")
+        for part in name.split(".")
+        if part.isdigit()
+    ]
+    return min(found, default=0)
+
+
+def measure_locality(model, tokenizer) -> LocalityReport:
+    """The three locality figures of an adapted model (a peft model) against its base."""
+    ref = _reference(model, tokenizer, _first_lora_layer(model), "measure")
+    kls, agrees, unchanged = [], [], []
+    with torch.no_grad():
+        for start in range(0, len(ref.sequences), 16):
+            indices = list(range(start, min(start + 16, len(ref.sequences))))
+            kl, agree, sizes = ref.compare(model, indices)
+            for i, a, k in zip(
+                indices, torch.split(agree, sizes), torch.split(kl, sizes), strict=True
+            ):
+                if ref.sequences[i].source.startswith("measure-prompt"):
+                    unchanged.append(bool(a.all()))
+                else:
+                    agrees.append(a)
+                    kls.append(k)
+    agree_all, kl_all = torch.cat(agrees), torch.cat(kls)
+    return LocalityReport(
+        token_agreement=float(agree_all.float().mean()),
+        kl_nats=float(kl_all.mean()),
+        prompts_unchanged=sum(unchanged) / len(unchanged),
+        tokens=int(agree_all.numel()),
+        prompts=len(unchanged),
+    )
+
+
+class RetainSet:
+    """What the training's locality term compares against: the retain text and prompts with
+    the base model's answers, sampled a few sequences per step."""
+
+    def __init__(self, model, tokenizer, first: int, per_step: int = 4, seed: int = 0):
+        self.reference = _reference(model, tokenizer, first, "retain")
+        self.per_step = per_step
+        self.rng = random.Random(seed)
+
+    def kl(self, model) -> tuple[torch.Tensor, int]:
+        """(mean KL(base || model) per position, tokens run) over a fresh sample of retain
+        sequences."""
+        indices = self.rng.sample(range(len(self.reference.sequences)), self.per_step)
+        kl, _, _ = self.reference.compare(model, indices)
+        return kl.mean(), sum(self.reference.sequences[i].length for i in indices)
+
+
+def prepare(model, tokenizer, family) -> None:
+    """Compute the base model's answers a job will need (a service does this at start-up, so
+    its first update does not wait for them)."""
+    first = first_adapted_layer(family)
+    _reference(model, tokenizer, first, "measure")
+    if family.locality_weight:
+        _reference(model, tokenizer, first, "retain")
+
+
+def retain_set(model, tokenizer, family, seed: int = 0) -> RetainSet | None:
+    """The retain set a training of this family needs (None when its locality weight is 0)."""
+    if not family.locality_weight:
+        return None
+    return RetainSet(model, tokenizer, first_adapted_layer(family), seed=seed)
