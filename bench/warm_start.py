@@ -6,7 +6,7 @@ does), and once more from a fresh adapter (the baseline, in the same run). Print
 steps, and the lowest fact recall seen while training (how far the old facts were knocked back).
 
     .venv/bin/python bench/warm_start.py --kinds all [--base 40] [--rank 16]
-        [--variants fresh,warm,warm-warmup,warm-anchor,warm-warmup-anchor]
+        [--variants fresh,warm]
 """
 
 import tempfile
@@ -18,14 +18,10 @@ from memupdate.memory.adapter import default_family
 from memupdate.memory.locality import retain_set
 from memupdate.memory.memft import TrainSettings, train_adapter
 
-VARIANTS = {
-    "fresh": (False, {}),
-    "warm": (True, {}),
-    "warm-warmup": (True, {"warmup_steps": 10}),
-    "warm-anchor": (True, {"anchor_solid": True}),
-    "warm-warmup-anchor": (True, {"warmup_steps": 10, "anchor_solid": True}),
-    "fresh-warmup-anchor": (False, {"warmup_steps": 10, "anchor_solid": True}),
-}
+# Variants measured on 2026-11-30 and dropped (docs/benchmarks.md, "Warm starts"): a 10-step
+# learning-rate warm-up, and weight 1 on the tokens of replayed solid facts; both were settings
+# of TrainSettings in commit 7f0a72a (`warmup_steps`, `anchor_solid`).
+VARIANTS = {"fresh": (False, {}), "warm": (True, {})}
 
 
 def run(load, facts, args, start_from=None, save_to=None, **extra):
@@ -57,7 +53,7 @@ def run(load, facts, args, start_from=None, save_to=None, **extra):
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--base", type=int, default=40)
-    p.add_argument("--variants", default="fresh,warm,warm-warmup,warm-anchor,warm-warmup-anchor")
+    p.add_argument("--variants", default="fresh,warm")
     p.set_defaults(rank=16)
     args = p.parse_args()
     _, load = setup(args)

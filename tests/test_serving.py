@@ -264,7 +264,11 @@ def test_an_adapter_of_the_down_proj_family_is_served_with_its_recall(stack, tin
     ranks) load into vLLM and recall there as they did in training."""
     registry, backend, _ = stack
     model, tok = load_model(tiny_dir)
-    family = choose_family(model.config.num_hidden_layers, ("down_proj",), learning_rate=1e-2)
+    # Without the locality term: on the random tiny model, one down_proj at weight 4 does not
+    # reach full recall in 800 steps (the term and the facts pull the same few parameters).
+    family = choose_family(
+        model.config.num_hidden_layers, ("down_proj",), learning_rate=1e-2, locality_weight=0.0
+    )
     encoded = encode_facts(OLD, tok, 256)
     settings = TrainSettings(rank=8, family=family, max_steps=800)
     peft_model, trained = train_adapter(

@@ -68,12 +68,6 @@ class TrainSettings:
     # choice): with AdamW, dividing by a shrinking count of unlearned tokens makes the late steps
     # large and knocks passed facts back (bench/memft_vs_uniform.py, memft-paper-meanall).
     mean_over_all: bool = True
-    # Learning-rate warm-up, in steps: Adam's first steps move every weight by about the full
-    # learning rate whatever its gradient, which knocks a warm start's known facts back.
-    warmup_steps: int = 0
-    # MemFT: the tokens of solid facts a batch replays get weight 1 (plain cross-entropy, small
-    # at high p) instead of 0, so the replay anchors them instead of only watching them.
-    anchor_solid: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -256,9 +250,8 @@ def _train(peft_model, facts, pad_id, settings, on_progress, token_weights, reta
     weigh = token_weights or (threshold_weights if settings.mode == "memft" else uniform_weights)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.family.learning_rate, weight_decay=0.0)
-    warmup = max(1, settings.warmup_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / settings.max_steps)
+        optimizer, lambda s: max(0.0, 1.0 - s / settings.max_steps)
     )
     start = time.monotonic()
     prefix = FrozenPrefix(peft_model, facts, pad_id, first_adapted_layer(settings.family))
@@ -311,18 +304,9 @@ def _train(peft_model, facts, pad_id, settings, on_progress, token_weights, reta
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
                     logp, batch = prefix.target_logprobs(peft_model, chosen)
                 logp = logp.float()
-                solid = torch.tensor(
-                    [
-                        state.solid[i]
-                        for i, n in zip(chosen, batch.sizes, strict=True)
-                        for _ in range(n)
-                    ]
-                )
                 for i, p in zip(chosen, torch.split(logp.detach().exp(), batch.sizes), strict=True):
                     state.update(i, p)
                 weights = weigh(logp, settings.weight_threshold)
-                if settings.anchor_solid:
-                    weights = torch.where(solid, 1.0, weights)
                 loss = weighted_loss(logp, weights, settings.mean_over_all)
                 if loss is not None:
                     if retain is not None:  # stay close to the base model on unrelated text
