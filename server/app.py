@@ -13,8 +13,8 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from memupdate.memory.adapter import choose_family
-from memupdate.memory.locality import prepare as prepare_locality
 from memupdate.memory.base_model import load_model, model_identity, resolve_model_dir
+from memupdate.memory.locality import prepare as prepare_locality
 from memupdate.service.config import ServiceConfig
 from memupdate.service.jobs import JobStore
 from memupdate.service.metrics import REPLICA_UP, register_collectors, unregister_collectors
