@@ -23,6 +23,7 @@ from memupdate.service.update import Runtime
 from memupdate.service.worker import Worker
 from memupdate.serving.backends import ExternalBackend, ManagedBackend, ServingBackend, restore_live
 from memupdate.serving.registry import Registry
+from memupdate.serving.vllm_client import ask_base_locality
 from memupdate.serving.vllm_server import ManagedVLLM, ServerConfig
 from memupdate.v1 import memupdate_pb2, memupdate_pb2_grpc
 from server.auth import AuthInterceptor
@@ -152,6 +153,12 @@ def _start_on(config, store, registry, folder, identity, server, port, metrics_s
     backend = build_backend(config, folder, registry)
     worker_rt, plan_rt = runtime(backend), runtime(backend)
     prepare_locality(worker_rt.model, worker_rt.tokenizer, worker_rt.family)
+    threading.Thread(
+        target=ask_base_locality,
+        args=(backend.replicas(), plan_rt.tokenizer),
+        name="base-locality",
+        daemon=True,
+    ).start()
     worker = Worker(store, worker_rt)
     monitor = RecallMonitor(
         registry,

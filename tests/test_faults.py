@@ -316,7 +316,9 @@ def test_sigkill_in_training_publish_and_serving_check_loses_nothing(tiny_dir, t
             wait_for(lambda: list(registry.glob(".incoming-*")), 300, "publish to begin")
         proc.kill()  # 2: during publish (files staged, not yet listed)
 
-        proc = start()
+        # Paused at publish again (30 s), so the retried job cannot list version 2 before the
+        # check below: what is checked is the state the crash left.
+        proc = start(MEMUPDATE_FAULT_PAUSE="publish:30")
         assert not list(registry.glob(".incoming-*"))  # swept at start
         still_serving_first_version(proc)
         with proc.client() as client:
@@ -324,7 +326,7 @@ def test_sigkill_in_training_publish_and_serving_check_loses_nothing(tiny_dir, t
             wait_for(lambda: phase_reached(client, job_id, "published", 3), 300, "publish")
         proc.kill()  # 3: during the serving check of version 2
 
-        proc = start()
+        proc = start(MEMUPDATE_FAULT_PAUSE="publish:30")  # as above: v3 waits for the check
         still_serving_first_version(proc)  # v2 is listed, never verified, never live
         with proc.client() as client:
             assert [v.version for v in client.describe("crash").versions] == [1, 2]

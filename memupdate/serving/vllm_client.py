@@ -3,6 +3,7 @@ recall through it (teacher-forced `prompt_logprobs` and greedy generation)."""
 
 import json
 import math
+import threading
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -58,8 +59,9 @@ class VLLMClient:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         # The base model's answers to the locality prompts: the base never changes under a
-        # running server, so they are asked once.
+        # running server, so they are asked once (a service asks at start-up, in the background).
         self._base_locality: tuple[list[list[int]], list[list[int]]] | None = None
+        self._base_lock = threading.Lock()
 
     def _request(self, method: str, path: str, body: dict | None = None, timeout_s=None):
         data = json.dumps(body).encode() if body is not None else None
@@ -171,16 +173,22 @@ class VLLMClient:
                 )
         return out
 
+    def base_locality(self, prompts: list[list[int]], tokens: int):
+        """(prompts followed by the base's greedy continuations, the base's argmax at each
+        continuation position), asked once per client."""
+        with self._base_lock:
+            if self._base_locality is None:
+                base = self.base_model_name()
+                continuations = self.greedy_ids(base, prompts, tokens)
+                sequences = [p + c for p, c in zip(prompts, continuations, strict=True)]
+                starts = [len(p) for p in prompts]
+                self._base_locality = (sequences, self.argmax_tokens(base, sequences, starts))
+            return self._base_locality
+
     def locality(self, adapter: str, prompts: list[list[int]], tokens: int) -> ServingLocality:
         """The adapter against the base on `prompts` followed by the base's greedy
-        continuations of `tokens` tokens (both asked once per client)."""
-        if self._base_locality is None:
-            base = self.base_model_name()
-            continuations = self.greedy_ids(base, prompts, tokens)
-            sequences = [p + c for p, c in zip(prompts, continuations, strict=True)]
-            starts = [len(p) for p in prompts]
-            self._base_locality = (sequences, self.argmax_tokens(base, sequences, starts))
-        sequences, base_top = self._base_locality
+        continuations of `tokens` tokens."""
+        sequences, base_top = self.base_locality(prompts, tokens)
         top = self.argmax_tokens(adapter, sequences, [len(p) for p in prompts])
         same = [
             [a == b for a, b in zip(x, y, strict=True)] for x, y in zip(top, base_top, strict=True)
@@ -192,6 +200,21 @@ class VLLMClient:
             prompts=len(same),
             tokens=tokens_seen,
         )
+
+
+def locality_prompt_ids(tokenizer) -> list[list[int]]:
+    return [tokenizer(p)["input_ids"] for p in locality_prompts()]
+
+
+def ask_base_locality(clients: list[VLLMClient], tokenizer) -> None:
+    """Ask each replica for the base model's locality answers now (a background thread at
+    start-up), so the first go-live check does not wait for them; a replica that cannot be
+    reached is asked again by the first check that needs it."""
+    for client in clients:
+        try:
+            client.base_locality(locality_prompt_ids(tokenizer), GREEDY_TOKENS)
+        except ServingError:
+            pass
 
 
 def _chunks(facts: list, size: int = 32):
@@ -227,6 +250,5 @@ def serving_recall(
         for f, text in zip(checked, texts, strict=True)
         if text != tokenizer.decode(list(f.target_ids))
     ]
-    prompts = [tokenizer(p)["input_ids"] for p in locality_prompts()]
-    locality = client.locality(model, prompts, GREEDY_TOKENS)
+    locality = client.locality(model, locality_prompt_ids(tokenizer), GREEDY_TOKENS)
     return ServingRecall(report, len(checked), len(checked) - len(mismatches), mismatches, locality)
