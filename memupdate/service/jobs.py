@@ -185,8 +185,10 @@ class JobStore:
         return self.get(job_id)
 
     def finish(self, job_id: str, state: str, message: str) -> None:
-        self.update(job_id, state=state, message=message, phase="")
+        # The event first: a watch stream ends once the job has ended and no event is left, so
+        # with the state written first it could end without the final event.
         self.add_event(job_id, state.lower(), {"message": message})
+        self.update(job_id, state=state, message=message, phase="")
         JOB_TRANSITIONS.labels(state).inc()
 
     def recover_interrupted(self) -> list[str]:
