@@ -60,7 +60,7 @@ class VLLMClient:
         self.timeout_s = timeout_s
         # The base model's answers to the locality prompts: the base never changes under a
         # running server, so they are asked once (a service asks at start-up, in the background).
-        self._base_locality: tuple[list[list[int]], list[list[int]]] | None = None
+        self._base_locality: tuple[list[list[int]], list[int], list[list[int]]] | None = None
         self._base_lock = threading.Lock()
 
     def _request(self, method: str, path: str, body: dict | None = None, timeout_s=None):
@@ -173,23 +173,24 @@ class VLLMClient:
                 )
         return out
 
-    def base_locality(self, prompts: list[list[int]], tokens: int):
-        """(prompts followed by the base's greedy continuations, the base's argmax at each
-        continuation position), asked once per client."""
+    def base_locality(self, tokenizer) -> tuple[list[list[int]], list[int], list[list[int]]]:
+        """(the locality prompts followed by the base's greedy continuations, where each
+        continuation starts, the base's argmax at each continuation position): asked once."""
         with self._base_lock:
             if self._base_locality is None:
                 base = self.base_model_name()
-                continuations = self.greedy_ids(base, prompts, tokens)
+                prompts = [tokenizer(p)["input_ids"] for p in locality_prompts()]
+                continuations = self.greedy_ids(base, prompts, GREEDY_TOKENS)
                 sequences = [p + c for p, c in zip(prompts, continuations, strict=True)]
                 starts = [len(p) for p in prompts]
-                self._base_locality = (sequences, self.argmax_tokens(base, sequences, starts))
+                top = self.argmax_tokens(base, sequences, starts)
+                self._base_locality = (sequences, starts, top)
             return self._base_locality
 
-    def locality(self, adapter: str, prompts: list[list[int]], tokens: int) -> ServingLocality:
-        """The adapter against the base on `prompts` followed by the base's greedy
-        continuations of `tokens` tokens."""
-        sequences, base_top = self.base_locality(prompts, tokens)
-        top = self.argmax_tokens(adapter, sequences, [len(p) for p in prompts])
+    def locality(self, adapter: str, tokenizer) -> ServingLocality:
+        """The adapter against the base on the locality prompts and the base's continuations."""
+        sequences, starts, base_top = self.base_locality(tokenizer)
+        top = self.argmax_tokens(adapter, sequences, starts)
         same = [
             [a == b for a, b in zip(x, y, strict=True)] for x, y in zip(top, base_top, strict=True)
         ]
@@ -202,17 +203,13 @@ class VLLMClient:
         )
 
 
-def locality_prompt_ids(tokenizer) -> list[list[int]]:
-    return [tokenizer(p)["input_ids"] for p in locality_prompts()]
-
-
 def ask_base_locality(clients: list[VLLMClient], tokenizer) -> None:
     """Ask each replica for the base model's locality answers now (a background thread at
     start-up), so the first go-live check does not wait for them; a replica that cannot be
     reached is asked again by the first check that needs it."""
     for client in clients:
         try:
-            client.base_locality(locality_prompt_ids(tokenizer), GREEDY_TOKENS)
+            client.base_locality(tokenizer)
         except ServingError:
             pass
 
@@ -250,5 +247,5 @@ def serving_recall(
         for f, text in zip(checked, texts, strict=True)
         if text != tokenizer.decode(list(f.target_ids))
     ]
-    locality = client.locality(model, locality_prompt_ids(tokenizer), GREEDY_TOKENS)
+    locality = client.locality(model, tokenizer)
     return ServingRecall(report, len(checked), len(checked) - len(mismatches), mismatches, locality)
