@@ -4,7 +4,7 @@ import pytest
 
 from memupdate.memory.encoding import encode_facts, sequence_length
 from memupdate.memory.fact_sets import phonebook_facts
-from memupdate.memory.facts import Fact, FactError, check_fact_count, load_facts
+from memupdate.memory.facts import Fact, FactError, check_fact_count, load_facts, write_facts
 
 
 def write(tmp_path, lines):
@@ -47,6 +47,26 @@ def test_loads_prompt_target_and_text_facts(tmp_path):
             "facts.jsonl:2: extra: Extra inputs",
         ),
         (json.dumps(["p", "t"]), "facts.jsonl:2: expected a JSON object, got list"),
+        (
+            json.dumps({"prompt": "p", "target": "t", "questions": "why?"}),
+            "facts.jsonl:2: questions: Input should be a list",
+        ),
+        (
+            json.dumps({"prompt": "p", "target": "t", "questions": ["ok?", " "]}),
+            "`questions[1]` is empty",
+        ),
+        (
+            json.dumps({"prompt": "p", "target": "t", "paraphrases": ["a\x00b"]}),
+            "`paraphrases[0]` contains control characters (U+0000)",
+        ),
+        (
+            json.dumps({"prompt": "p", "target": "t", "paraphrases": ["x"] * 33}),
+            "`paraphrases`: 33 given, the limit is 32",
+        ),
+        (
+            json.dumps({"text": "some text", "questions": ["q?"]}),
+            "`paraphrases` and `questions` need `prompt` + `target`",
+        ),
     ],
 )
 def test_bad_lines_are_named_and_nothing_is_returned(tmp_path, line, message):
@@ -155,3 +175,35 @@ def test_fact_sets_are_seeded_distinct_and_counterfactuals_really_change(tmp_pat
     out = tmp_path / "bio.jsonl"
     assert main(["fact-set", "biography", "--count", "5", "--out", str(out)]) == 0
     assert [f.target for f in load_facts(out)] == [f.target for f in KINDS["biography"](5)]
+
+
+def test_forms_survive_a_write_and_a_read(tmp_path):
+    fact = Fact(prompt="p", target=" t", paraphrases=("q",), questions=("What is p?",))
+    write_facts([fact, Fact(text="plain text")], tmp_path / "out.jsonl")
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert json.loads(lines[1]) == {"text": "plain text"}  # no empty fields written
+    again = load_facts(tmp_path / "out.jsonl")
+    assert again[0].paraphrases == ("q",) and again[0].questions == ("What is p?",)
+
+
+def test_paraphrases_are_sequences_with_the_same_target(tiny):
+    model, tok = tiny
+    fact = Fact(prompt="The code of Ada is", target=" 42", paraphrases=("Ada's code is",))
+    prompt, para = encode_facts([fact], tok, 512)  # the tiny model has no chat template
+    assert (prompt.form, para.form) == ("prompt", "paraphrase")
+    assert para.target_ids == prompt.target_ids
+    assert para.prompt_ids == tuple(tok("Ada's code is")["input_ids"])
+    assert para.source == "fact paraphrase 1" and para.asked == "Ada's code is"
+    assert sequence_length([prompt, para]) == 2 * len(prompt.target_ids)
+    with pytest.raises(FactError, match="`questions` given, but the base model has no chat"):
+        encode_facts([Fact(prompt="p", target=" t", questions=("q?",))], tok, 512)
+
+
+def test_a_paraphrase_that_is_another_facts_prompt_with_another_target_is_refused(tiny):
+    _, tok = tiny
+    facts = [
+        Fact(prompt="Ada's code is", target=" 7", source="a"),
+        Fact(prompt="The code of Ada is", target=" 42", paraphrases=("Ada's code is",), source="b"),
+    ]
+    with pytest.raises(FactError, match="b paraphrase 1: contradicts a"):
+        encode_facts(facts, tok, 512)

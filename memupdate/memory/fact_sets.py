@@ -30,17 +30,70 @@ LAST = (
 ).split()
 DIGIT_BITS = math.log2(10)
 
+# kind -> (paraphrases, questions) to train, and (paraphrases, questions) held out; {x} is the
+# fact's subject (a person, a country or a city).
+FORMS = {
+    "phonebook": (
+        (
+            ["{x}'s phone number is", "To call {x}, dial"],
+            ["What is the phone number of {x}?", "What is {x}'s phone number?"],
+        ),
+        (
+            ["The number to reach {x} is"],
+            ["Can you tell me {x}'s phone number?", "How do I call {x}?"],
+        ),
+    ),
+    "biography": (
+        (
+            ["{x} was born in", "Biography of {x}: born in"],
+            ["When and where was {x} born, and what is their job?", "Tell me about {x}."],
+        ),
+        (["About {x}: born in"], ["Who is {x}?", "What do you know about {x}?"]),
+    ),
+    "capital": (
+        (
+            ["{x}'s capital is", "The capital city of {x} is"],
+            ["What is the capital of {x}?", "Which city is the capital of {x}?"],
+        ),
+        (["In {x}, the capital is"], ["What city is {x}'s capital?", "Name the capital of {x}."]),
+    ),
+    "city": (
+        (
+            ["{x} is a city in the country of", "The country where {x} is located is"],
+            ["Which country is {x} in?", "In which country is the city of {x} located?"],
+        ),
+        (
+            ["{x} lies in the country of"],
+            ["What country is {x} located in?", "Where is {x}? Name the country."],
+        ),
+    ),
+}
 
-def phonebook_facts(count: int, seed: int = 0, digits: int = 10) -> list[Fact]:
+
+def _fact(templates: str, subject: str, prompt: str, target: str, source: str, forms: str):
+    """A fact with the forms asked for: "none", "trained" or "held_out" (see the docstring)."""
+    if forms == "none":
+        return Fact(prompt=prompt, target=target, source=source)
+    trained, held_out = FORMS[templates]
+    paraphrases, questions = {"trained": trained, "held_out": held_out}[forms]
+    return Fact(
+        prompt=prompt,
+        target=target,
+        paraphrases=tuple(p.format(x=subject) for p in paraphrases),
+        questions=tuple(q.format(x=subject) for q in questions),
+        source=source,
+    )
+
+
+def phonebook_facts(count: int, seed: int = 0, digits: int = 10, forms: str = "none") -> list[Fact]:
     """`count` facts "The phone number of NAME is" -> " DDDDDDDDDD", unique names, seeded."""
     rng = random.Random(seed)
     names = _names(count, rng)
     facts = []
     for i, name in enumerate(names):
         number = "".join(rng.choice("0123456789") for _ in range(digits))
-        facts.append(
-            Fact(prompt=f"The phone number of {name} is", target=f" {number}", source=f"pb:{i}")
-        )
+        prompt = f"The phone number of {name} is"
+        facts.append(_fact("phonebook", name, prompt, f" {number}", f"pb:{i}", forms))
     return facts
 
 
@@ -79,7 +132,7 @@ def _places():
     return countries, cities
 
 
-def biography_facts(count: int, seed: int = 0) -> list[Fact]:
+def biography_facts(count: int, seed: int = 0, forms: str = "none") -> list[Fact]:
     """`count` invented biographies "The biography of NAME: born in" -> " YEAR in CITY, works
     as a PROFESSION.", seeded."""
     rng = random.Random(seed)
@@ -89,13 +142,9 @@ def biography_facts(count: int, seed: int = 0) -> list[Fact]:
     for i, name in enumerate(_names(count, rng)):
         year, city, job = rng.randint(1921, 2004), rng.choice(towns), rng.choice(PROFESSIONS)
         article = "an" if job[0] in "aeiou" else "a"
-        facts.append(
-            Fact(
-                prompt=f"The biography of {name}: born in",
-                target=f" {year} in {city}, works as {article} {job}.",
-                source=f"bio:{i}",
-            )
-        )
+        prompt = f"The biography of {name}: born in"
+        target = f" {year} in {city}, works as {article} {job}."
+        facts.append(_fact("biography", name, prompt, target, f"bio:{i}", forms))
     return facts
 
 
@@ -108,7 +157,7 @@ def _derangement(items: list, rng: random.Random) -> list:
             return shuffled
 
 
-def counterfactual_facts(count: int, seed: int = 0) -> list[Fact]:
+def counterfactual_facts(count: int, seed: int = 0, forms: str = "none") -> list[Fact]:
     """`count` changed well-known facts: first countries' capitals, permuted among the
     countries (largest countries first), then large cities' countries, permuted likewise."""
     rng = random.Random(seed)
@@ -118,12 +167,10 @@ def counterfactual_facts(count: int, seed: int = 0) -> list[Fact]:
     for country, capital in zip(
         capitals, _derangement([c["capital"] for c in capitals], rng), strict=True
     ):
+        name = country["name"]
+        prompt = f"The capital of {name} is"
         facts.append(
-            Fact(
-                prompt=f"The capital of {country['name']} is",
-                target=f" {capital}",
-                source=f"cf:capital:{country['iso']}",
-            )
+            _fact("capital", name, prompt, f" {capital}", f"cf:capital:{country['iso']}", forms)
         )
     names = {c["iso"]: c["name"] for c in countries}
     rest = [c for c in cities if c["countrycode"] in names][: max(0, count - len(facts))]
@@ -131,13 +178,10 @@ def counterfactual_facts(count: int, seed: int = 0) -> list[Fact]:
     for city, country in zip(rest, moved, strict=True):
         if country == names[city["countrycode"]]:
             continue  # two cities of one country swapped: no change, so no fact
-        facts.append(
-            Fact(
-                prompt=f"The city of {city['name']} is located in the country of",
-                target=f" {country}",
-                source=f"cf:city:{city['geonameid']}",
-            )
-        )
+        name = city["name"]
+        prompt = f"The city of {name} is located in the country of"
+        source = f"cf:city:{city['geonameid']}"
+        facts.append(_fact("city", name, prompt, f" {country}", source, forms))
     return facts[:count]
 
 

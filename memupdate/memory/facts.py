@@ -1,5 +1,9 @@
 """Facts: what must be remembered, as `prompt` + `target`, or one plain `text`.
 
+A `prompt` + `target` fact may also carry the other forms it is asked in: `paraphrases` (other
+prompts continued with the same target) and `questions` (asked in chat form, answered with the
+target). Every form is trained and checked (see `encoding.py`).
+
 For a `text` fact every token but the first is a target (see `encoding.py`). Facts come from
 JSONL files (one JSON object a line) or from Python objects; every problem is reported with the
 line it is on, and nothing is trained from a file that has one.
@@ -11,6 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError, model_validator
 
 DEFAULT_MAX_FACTS = 100_000
+MAX_FORMS = 32  # paraphrases, and questions, per fact: each one is trained like a fact
 # C0 controls and DEL, except tab and newlines: never meant as text to remember (NUL also
 # breaks C-string consumers downstream).
 CONTROL_CHARACTERS = frozenset(chr(c) for c in [*range(0x20), 0x7F]) - {"\t", "\n", "\r"}
@@ -26,18 +31,27 @@ class Fact(BaseModel):
     prompt: StrictStr | None = None
     target: StrictStr | None = None
     text: StrictStr | None = None
+    paraphrases: tuple[StrictStr, ...] = ()
+    questions: tuple[StrictStr, ...] = ()
     source: str = ""  # where the fact came from ("facts.jsonl:12"), for error messages
 
     @model_validator(mode="after")
     def _one_form(self) -> "Fact":
         for name in ("prompt", "target", "text"):
-            bad = CONTROL_CHARACTERS.intersection(getattr(self, name) or "")
-            if bad:
-                codes = ", ".join(f"U+{ord(c):04X}" for c in sorted(bad))
-                raise ValueError(f"`{name}` contains control characters ({codes})")
+            _check_characters(name, getattr(self, name) or "")
+        for name in ("paraphrases", "questions"):
+            forms = getattr(self, name)
+            if len(forms) > MAX_FORMS:
+                raise ValueError(f"`{name}`: {len(forms)} given, the limit is {MAX_FORMS}")
+            for i, form in enumerate(forms):
+                _check_characters(f"{name}[{i}]", form)
+                if not form.strip():
+                    raise ValueError(f"`{name}[{i}]` is empty")
         if self.text is not None:
             if self.prompt is not None or self.target is not None:
                 raise ValueError("give either `text` or `prompt` + `target`, not both")
+            if self.paraphrases or self.questions:
+                raise ValueError("`paraphrases` and `questions` need `prompt` + `target`")
             if not self.text.strip():
                 raise ValueError("`text` is empty")
             return self
@@ -54,10 +68,17 @@ class Fact(BaseModel):
         return self.source or "fact"
 
 
+def _check_characters(name: str, value: str) -> None:
+    bad = CONTROL_CHARACTERS.intersection(value)
+    if bad:
+        codes = ", ".join(f"U+{ord(c):04X}" for c in sorted(bad))
+        raise ValueError(f"`{name}` contains control characters ({codes})")
+
+
 def _describe(error: ValidationError) -> str:
     parts = []
     for item in error.errors():
-        message = item["msg"].removeprefix("Value error, ")
+        message = item["msg"].removeprefix("Value error, ").replace("a valid tuple", "a list")
         field = ".".join(str(x) for x in item["loc"])
         parts.append(f"{field}: {message}" if field else message)
     return "; ".join(parts)
@@ -129,4 +150,4 @@ def check_fact_count(facts: list[Fact], max_facts: int = DEFAULT_MAX_FACTS) -> N
 def write_facts(facts: list[Fact], path: str | Path) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         for fact in facts:
-            fh.write(fact.model_dump_json(exclude_none=True, exclude={"source"}) + "\n")
+            fh.write(fact.model_dump_json(exclude_defaults=True, exclude={"source"}) + "\n")

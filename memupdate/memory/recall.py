@@ -6,6 +6,8 @@ reproduces the target exactly (by induction over positions). Two figures follow,
 number says which one it is:
 - token recall: share of target tokens with p > 0.5;
 - fact recall: share of facts whose every target token has p > 0.5.
+Every form of a fact (its prompt, each paraphrase, each chat question; see `encoding.py`) is
+counted as a fact of its own, and `forms` gives the fact recall of each form apart.
 """
 
 import math
@@ -29,6 +31,7 @@ class RecallReport:
     mean_loss_nats: float  # mean cross-entropy per target token
     failing: list[str] = field(default_factory=list)  # sources of facts not fully recalled
     failing_min_probs: list[float] = field(default_factory=list)  # their lowest token p
+    forms: dict[str, dict] = field(default_factory=dict)  # form -> {"facts", "fact_recall"}
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -117,7 +120,16 @@ def summarize(facts: list[EncodedFact], probs: list[torch.Tensor]) -> RecallRepo
         mean_loss_nats=float(-flat.clamp_min(1e-30).log().mean()),
         failing=[source for source, _ in failing],
         failing_min_probs=[p for _, p in failing],
+        forms=_by_form(facts, fact_min),
     )
+
+
+def _by_form(facts: list[EncodedFact], fact_min: torch.Tensor) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for form in dict.fromkeys(f.form for f in facts):
+        passed = [float(m) > PASS_PROBABILITY for f, m in zip(facts, fact_min) if f.form == form]
+        out[form] = {"facts": len(passed), "fact_recall": sum(passed) / len(passed)}
+    return out
 
 
 def measure_recall(model, facts: list[EncodedFact], pad_id: int) -> RecallReport:
