@@ -127,7 +127,11 @@ def summarize(facts: list[EncodedFact], probs: list[torch.Tensor]) -> RecallRepo
 def _by_form(facts: list[EncodedFact], fact_min: torch.Tensor) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for form in dict.fromkeys(f.form for f in facts):
-        passed = [float(m) > PASS_PROBABILITY for f, m in zip(facts, fact_min) if f.form == form]
+        passed = [
+            float(m) > PASS_PROBABILITY
+            for f, m in zip(facts, fact_min, strict=True)
+            if f.form == form
+        ]
         out[form] = {"facts": len(passed), "fact_recall": sum(passed) / len(passed)}
     return out
 
