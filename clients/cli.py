@@ -23,14 +23,16 @@ from memupdate.v1 import memupdate_pb2 as pb
 
 
 def _facts(path: str) -> list[dict]:
-    return [f.model_dump(exclude_none=True, exclude={"source"}) for f in load_facts(path)]
+    return [f.to_json() for f in load_facts(path)]
 
 
 def _recall(r: pb.RecallReport) -> str:
     greedy = f"; greedy exact {r.greedy_exact}/{r.greedy_checked}" if r.greedy_checked else ""
+    forms = ", ".join(f"{f.form} {f.fact_recall:.3f} of {f.facts}" for f in r.forms)
     return (
         f"fact recall {r.fact_recall:.3f}, token recall {r.token_recall:.3f}, lowest p "
         f"{r.min_probability:.3f} ({r.min_probability_fact}){greedy}"
+        + (f"\n    by form: {forms}" if forms else "")
     )
 
 

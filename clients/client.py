@@ -28,8 +28,8 @@ def to_fact(fact: FactLike) -> pb.Fact:
         return fact
     if isinstance(fact, tuple):
         return pb.Fact(prompt=fact[0], target=fact[1])
-    if hasattr(fact, "model_dump"):  # memupdate.memory.facts.Fact
-        fact = fact.model_dump(exclude_none=True, exclude={"source"})
+    if hasattr(fact, "to_json"):  # memupdate.memory.facts.Fact
+        fact = fact.to_json()
     return pb.Fact(**fact)
 
 

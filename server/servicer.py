@@ -51,6 +51,10 @@ def recall_pb(data: dict | None) -> pb.RecallReport | None:
         min_probability_fact=rec["min_prob_fact"],
         greedy_checked=data.get("greedy_checked", 0),
         greedy_exact=data.get("greedy_exact", 0),
+        forms=[
+            pb.FormRecall(form=form, facts=v["facts"], fact_recall=v["fact_recall"])
+            for form, v in rec.get("forms", {}).items()
+        ],
     )
 
 
@@ -239,7 +243,7 @@ class Servicer(pb_grpc.KnowledgeUpdateServicer):
             self._abort_for(context, err)
         payload = {
             "kb": req.knowledge_base,
-            "facts": [f.model_dump(exclude_none=True, exclude={"source"}) for f in facts],
+            "facts": [f.to_json() for f in facts],
             "target_fact_recall": req.target_fact_recall,
             "rank_override": req.rank_override,
             "margin": req.margin,

@@ -32,6 +32,7 @@ def facts_from_proto(facts, max_facts: int) -> list[Fact]:
             obj = {k: getattr(f, k) for k in ("prompt", "target", "text") if getattr(f, k)}
         else:
             obj = {"prompt": f.prompt, "target": f.target}
+            obj.update({k: list(getattr(f, k)) for k in ("paraphrases", "questions")})
         try:
             out.append(parse_fact(obj, f"facts[{i}]"))
         except FactError as err:

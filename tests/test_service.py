@@ -54,6 +54,14 @@ def code_of(call):
             "facts[1]: contradicts facts[0]",
         ),
         ({"facts": [pb.Fact(prompt="a " * 400, target=" b")]}, "longer than the model's context"),
+        (
+            {"facts": [pb.Fact(prompt="p", target=" t", paraphrases=["fine", ""])]},
+            "facts[0]: `paraphrases[1]` is empty",
+        ),
+        (
+            {"facts": [pb.Fact(prompt="p", target=" t", questions=["What is p?"])]},
+            "facts[0]: `questions` given, but the base model has no chat template",
+        ),
         ({"target_fact_recall": 0.0}, "target_fact_recall: Input should be greater than 0"),
         (
             {"target_fact_recall": 1.5},

@@ -14,6 +14,9 @@ pytestmark = pytest.mark.vllm
 FIRST = phonebook_facts(4, seed=31)
 SECOND = phonebook_facts(3, seed=32)
 CHANGED = (FIRST[0].prompt, " 9990001112")
+PARAPHRASE = (
+    f"To call {SECOND[0].prompt.removeprefix('The phone number of ').removesuffix(' is')}, dial"
+)
 
 
 def pairs(facts):
@@ -51,13 +54,20 @@ def test_submit_watch_live_update_and_rollback(service):
         for prompt, target in pairs(FIRST):
             assert ask(service.vllm_url, "phones", prompt).startswith(target)
 
-        # An update adds facts and changes one: the new version holds old and new.
-        events, job = run_to_end(
-            client, client.submit("phones", [CHANGED, *pairs(SECOND)], rank=8, max_steps=1500)
-        )
+        # An update adds facts and changes one: the new version holds old and new. One new
+        # fact also comes with a paraphrase, a form of its own (the tiny model has no chat).
+        paraphrased = {"prompt": SECOND[0].prompt, "target": SECOND[0].target}
+        paraphrased["paraphrases"] = [PARAPHRASE]
+        update = [CHANGED, paraphrased, *pairs(SECOND[1:])]
+        events, job = run_to_end(client, client.submit("phones", update, rank=8, max_steps=1500))
         assert job.state == pb.LIVE, job.message
+        assert [(f.form, f.facts) for f in job.serving_recall.forms] == [
+            ("prompt", 7),
+            ("paraphrase", 1),
+        ]
+        assert ask(service.vllm_url, "phones", PARAPHRASE).startswith(SECOND[0].target)
         planned = next(e for e in events if e.kind == "planned")
-        assert planned.plan.facts == 7 and planned.plan.replaced_facts == 1
+        assert planned.plan.facts == 8 and planned.plan.replaced_facts == 1
         assert "1 fact(s) replaced" in planned.message
         # It trained from v1's adapter: the old facts it still holds passed from the start.
         assert "warm start from v1 (rank 8)" in planned.message
@@ -65,7 +75,7 @@ def test_submit_watch_live_update_and_rollback(service):
             assert ask(service.vllm_url, "phones", prompt).startswith(target)
 
         report = client.evaluate("phones")
-        assert report.facts == 7 and report.fact_recall == 1.0
+        assert report.facts == 8 and report.fact_recall == 1.0
         kb = client.describe("phones")
         assert kb.live_version == 2 and kb.facts == 7 and len(kb.versions) == 2
 

@@ -67,6 +67,10 @@ class Fact(BaseModel):
     def where(self) -> str:
         return self.source or "fact"
 
+    def to_json(self) -> dict:
+        """The fields given, as in a JSONL line (no source, nothing left at its default)."""
+        return self.model_dump(mode="json", exclude_defaults=True, exclude={"source"})
+
 
 def _check_characters(name: str, value: str) -> None:
     bad = CONTROL_CHARACTERS.intersection(value)
@@ -150,4 +154,4 @@ def check_fact_count(facts: list[Fact], max_facts: int = DEFAULT_MAX_FACTS) -> N
 def write_facts(facts: list[Fact], path: str | Path) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         for fact in facts:
-            fh.write(fact.model_dump_json(exclude_defaults=True, exclude={"source"}) + "\n")
+            fh.write(json.dumps(fact.to_json(), ensure_ascii=False) + "\n")

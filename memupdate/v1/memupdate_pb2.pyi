@@ -23,14 +23,18 @@ FAILED: JobState
 CANCELLED: JobState
 
 class Fact(_message.Message):
-    __slots__ = ("prompt", "target", "text")
+    __slots__ = ("prompt", "target", "text", "paraphrases", "questions")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    PARAPHRASES_FIELD_NUMBER: _ClassVar[int]
+    QUESTIONS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     target: str
     text: str
-    def __init__(self, prompt: _Optional[str] = ..., target: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+    paraphrases: _containers.RepeatedScalarFieldContainer[str]
+    questions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompt: _Optional[str] = ..., target: _Optional[str] = ..., text: _Optional[str] = ..., paraphrases: _Optional[_Iterable[str]] = ..., questions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubmitUpdateRequest(_message.Message):
     __slots__ = ("knowledge_base", "facts", "target_fact_recall", "rank_override", "margin", "max_steps", "max_seconds", "idempotency_key")
@@ -197,7 +201,7 @@ class TrainingProgress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., max_steps: _Optional[int] = ..., loss_nats_per_token: _Optional[float] = ..., token_recall: _Optional[float] = ..., fact_recall: _Optional[float] = ..., tokens_processed: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., epoch: _Optional[int] = ..., active_facts: _Optional[int] = ..., eta_seconds: _Optional[float] = ...) -> None: ...
 
 class RecallReport(_message.Message):
-    __slots__ = ("facts", "target_tokens", "token_recall", "fact_recall", "min_probability", "min_probability_fact", "greedy_checked", "greedy_exact")
+    __slots__ = ("facts", "target_tokens", "token_recall", "fact_recall", "min_probability", "min_probability_fact", "greedy_checked", "greedy_exact", "forms")
     FACTS_FIELD_NUMBER: _ClassVar[int]
     TARGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_RECALL_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +210,7 @@ class RecallReport(_message.Message):
     MIN_PROBABILITY_FACT_FIELD_NUMBER: _ClassVar[int]
     GREEDY_CHECKED_FIELD_NUMBER: _ClassVar[int]
     GREEDY_EXACT_FIELD_NUMBER: _ClassVar[int]
+    FORMS_FIELD_NUMBER: _ClassVar[int]
     facts: int
     target_tokens: int
     token_recall: float
@@ -214,7 +219,18 @@ class RecallReport(_message.Message):
     min_probability_fact: str
     greedy_checked: int
     greedy_exact: int
-    def __init__(self, facts: _Optional[int] = ..., target_tokens: _Optional[int] = ..., token_recall: _Optional[float] = ..., fact_recall: _Optional[float] = ..., min_probability: _Optional[float] = ..., min_probability_fact: _Optional[str] = ..., greedy_checked: _Optional[int] = ..., greedy_exact: _Optional[int] = ...) -> None: ...
+    forms: _containers.RepeatedCompositeFieldContainer[FormRecall]
+    def __init__(self, facts: _Optional[int] = ..., target_tokens: _Optional[int] = ..., token_recall: _Optional[float] = ..., fact_recall: _Optional[float] = ..., min_probability: _Optional[float] = ..., min_probability_fact: _Optional[str] = ..., greedy_checked: _Optional[int] = ..., greedy_exact: _Optional[int] = ..., forms: _Optional[_Iterable[_Union[FormRecall, _Mapping]]] = ...) -> None: ...
+
+class FormRecall(_message.Message):
+    __slots__ = ("form", "facts", "fact_recall")
+    FORM_FIELD_NUMBER: _ClassVar[int]
+    FACTS_FIELD_NUMBER: _ClassVar[int]
+    FACT_RECALL_FIELD_NUMBER: _ClassVar[int]
+    form: str
+    facts: int
+    fact_recall: float
+    def __init__(self, form: _Optional[str] = ..., facts: _Optional[int] = ..., fact_recall: _Optional[float] = ...) -> None: ...
 
 class KnowledgeBase(_message.Message):
     __slots__ = ("name", "live_version", "versions", "facts", "target_fact_recall", "verified_fact_recall", "last_probe", "verified_locality")
