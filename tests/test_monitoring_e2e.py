@@ -67,6 +67,8 @@ def test_metrics_endpoint_documents_the_job(stack):
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     for line in (
         'memupdate_kb_fact_recall{knowledge_base="phones"} 1.0',
+        # the tiny model has no chat template: the prompt is the only form
+        'memupdate_kb_form_fact_recall{form="prompt",knowledge_base="phones"} 1.0',
         'memupdate_kb_target_fact_recall{knowledge_base="phones"} 1.0',
         'memupdate_kb_facts{knowledge_base="phones"} 4.0',
         'memupdate_kb_adapter_rank{knowledge_base="phones"} 8.0',

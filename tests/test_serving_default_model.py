@@ -46,7 +46,21 @@ def test_example_facts_go_live_and_are_answered_through_vllm(default, default_di
         # fp32 serving agrees with the trainer's own measurement.
         assert served.recall.fact_recall == 1.0
         assert served.recall.min_prob == pytest.approx(trained.min_prob, abs=1e-3)
+        assert served.recall.forms["chat"] == {"facts": len(facts), "fact_recall": 1.0}
+        # the go-live check asked the weakest chat forms through the chat endpoint
+        assert served.greedy_checked > 8 and served.greedy_exact == served.greedy_checked
+        client = server.client
+        chat_forms = {f.asked: f for f in encoded if f.form == "chat"}
         for fact in facts:
-            assert ask(server.client.url, "news", fact.prompt, 24).startswith(fact.target)
+            assert ask(client.url, "news", fact.prompt, 24).startswith(fact.target)
             # The base model served beside it does not know the fact.
-            assert not ask(server.client.url, "base", fact.prompt, 24).startswith(fact.target)
+            assert not ask(client.url, "base", fact.prompt, 24).startswith(fact.target)
+            # Asked the way applications ask: the answer is the target, and nothing after it.
+            [question] = fact.questions
+            reply = client.chat("news", question, 32, return_token_ids=True)
+            assert reply["choices"][0]["message"]["content"] == fact.target.strip()
+            assert reply["choices"][0]["finish_reason"] == "stop"
+            # vLLM renders the question to exactly the tokens that were trained.
+            assert tuple(reply["prompt_token_ids"]) == chat_forms[question].prompt_ids
+            base = client.chat("base", question, 32)["choices"][0]["message"]["content"]
+            assert fact.target.strip() not in base

@@ -94,6 +94,12 @@ class KnowledgeBaseCollector:
         verified_locality = gauge(
             "verified_locality", "Locality through vLLM measured when the version went live."
         )
+        by_form = GaugeMetricFamily(
+            "memupdate_kb_form_fact_recall",
+            "Serving fact recall of one form of the facts (prompt, paraphrase, chat) at the last "
+            "successful probe (0..1).",
+            labels=["knowledge_base", "form"],
+        )
         since = gauge("seconds_since_last_probe", "Seconds since the last successful recall probe.")
         regressed = gauge("regressed", "1 if the last successful probe found a recall regression.")
         info = InfoMetricFamily(
@@ -125,12 +131,14 @@ class KnowledgeBaseCollector:
                 fact.add_metric([kb], probe["recall"]["fact_recall"])
                 token.add_metric([kb], probe["recall"]["token_recall"])
                 min_p.add_metric([kb], probe["recall"]["min_prob"])
+                for form, value in probe["recall"].get("forms", {}).items():
+                    by_form.add_metric([kb, form], value["fact_recall"])
                 since.add_metric([kb], now - at)
                 regressed.add_metric([kb], float(probe["regressed"]))
                 if probe.get("locality"):
                     locality.add_metric([kb], probe["locality"]["token_agreement"])
         yield from (fact, token, target, verified, min_p, facts, rank, params, predicted)
-        yield from (locality, verified_locality, since, regressed, info)
+        yield from (by_form, locality, verified_locality, since, regressed, info)
 
 
 class JobCollector:

@@ -111,7 +111,7 @@ class RecallMonitor(threading.Thread):
                     return data
                 REPLICA_UP.labels(client.url).set(1.0)
             worst = worst_replica(results)
-            prompts = {f.source: f.prompt or f.text or "" for f in facts}
+            prompts = {f.source: f.asked for f in encoded}
             data = probe_record(live, worst, source, self.settings.max_drop, prompts)
             self.registry.record_probe(kb, True, data)
             if data["regressed"]:

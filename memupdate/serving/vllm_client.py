@@ -1,5 +1,6 @@
 """Talk to one vLLM OpenAI-compatible server: load/unload adapters at runtime, and measure
-recall through it (teacher-forced `prompt_logprobs` and greedy generation)."""
+recall through it (teacher-forced `prompt_logprobs` and greedy generation; chat forms are
+decoded through /v1/chat/completions, as applications ask)."""
 
 import json
 import math
@@ -120,6 +121,16 @@ class VLLMClient:
         }
         return self._request("POST", "/v1/completions", body)
 
+    def chat(self, model: str, question: str, max_tokens: int, **extra) -> dict:
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            **extra,
+        }
+        return self._request("POST", "/v1/chat/completions", body)
+
     def target_probabilities(self, model: str, facts: list[EncodedFact]) -> list[list[float]]:
         """Teacher-forced probability of each target token of each fact, computed by the
         server. Facts go in batches of prompts per request (each prompt is its own sequence to
@@ -138,12 +149,17 @@ class VLLMClient:
         return out
 
     def greedy_texts(self, model: str, facts: list[EncodedFact]) -> list[str]:
-        """Greedy continuation of each fact's prompt, as many tokens as its target: one request
-        per group of facts with the same target length."""
+        """Greedy answer to each fact, as many tokens as its target: a chat form's question
+        through the chat endpoint (one request each), other forms' prompts through completions
+        (one request per group of facts with the same target length)."""
         by_length: dict[int, list[int]] = {}
-        for i, fact in enumerate(facts):
-            by_length.setdefault(len(fact.target_ids), []).append(i)
         texts: list[str] = [""] * len(facts)
+        for i, fact in enumerate(facts):
+            if fact.form == "chat":
+                answer = self.chat(model, fact.asked, len(fact.target_ids))
+                texts[i] = answer["choices"][0]["message"]["content"] or ""
+            else:
+                by_length.setdefault(len(fact.target_ids), []).append(i)
         for length, members in by_length.items():
             for chunk in _chunks(members):
                 prompts = [list(facts[i].prompt_ids) for i in chunk]
@@ -238,14 +254,19 @@ def serving_recall(
     # Greedy decoding is checked on the facts whose lowest served probability is lowest: every
     # fact is already checked teacher-forced, and above 0.5 greedy decoding cannot differ, so the
     # facts nearest the threshold are the ones a decode could still catch out. Decoding is the
-    # costly part of a check (one token at a time on one sequence, --max-num-seqs 1).
+    # costly part of a check (one token at a time on one sequence, --max-num-seqs 1). Each form
+    # gets its own `greedy_limit`, so the chat endpoint is always among what is asked.
     weakest = sorted(range(len(facts)), key=lambda i: float(probs[i].min()))
-    checked = [facts[i] for i in (weakest if greedy_limit is None else weakest[:greedy_limit])]
+    checked = []
+    for form in dict.fromkeys(f.form for f in facts):
+        of_form = [facts[i] for i in weakest if facts[i].form == form]
+        checked += of_form if greedy_limit is None else of_form[:greedy_limit]
     texts = client.greedy_texts(model, checked) if checked else []
+    # The chat endpoint leaves out the end-of-turn token that ends a chat form's target.
     mismatches = [
         f.source
         for f, text in zip(checked, texts, strict=True)
-        if text != tokenizer.decode(list(f.target_ids))
+        if text != tokenizer.decode(list(f.target_ids), skip_special_tokens=f.form == "chat")
     ]
     locality = client.locality(model, tokenizer)
     return ServingRecall(report, len(checked), len(checked) - len(mismatches), mismatches, locality)
