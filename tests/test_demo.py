@@ -24,6 +24,7 @@ def test_demo_takes_the_example_facts_live_on_the_default_model(default_dir):
     out = done.stdout
     for kind in ("planned", "trained", "published", "serving_verified", "live"):
         assert f"] {kind}:" in out
-    assert "greedy exact 12/12" in out and "fact recall 1.000" in out
+    assert "greedy exact 12/12 prompts, 12/12 chat questions" in out
+    assert "fact recall 1.000 (prompt 1.000, chat 1.000)" in out
     assert re.search(r"locality through vLLM: [01]\.\d{3} of next-token answers on 48", out)
     assert "stopped the service and its vLLM" in out

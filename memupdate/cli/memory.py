@@ -172,6 +172,10 @@ def cmd_train(args) -> int:
         f"lowest p {r.min_prob:.3f} ({r.min_prob_fact})"
     )
     print(
+        "by form: "
+        + ", ".join(f"{k} {v['fact_recall']:.3f} of {v['facts']}" for k, v in r.forms.items())
+    )
+    print(
         f"steps {result.steps}, tokens {result.tokens_processed:,}, {result.seconds:.1f} s; "
         f"greedy exact {greedy.exact}/{greedy.checked}"
     )
@@ -199,7 +203,7 @@ def cmd_compare(args) -> int:
         target = list(fact.target_ids)
         exact += after == target
         verdict = "✓" if after == target else f"✗ expected {base.tokenizer.decode(target)!r}"
-        print(f"prompt:  {base.tokenizer.decode(list(fact.prompt_ids))}")
+        print(f"{fact.form}: {fact.asked}")
         print(f"  base:    {base.tokenizer.decode(before)!r}")
         print(f"  updated: {base.tokenizer.decode(after)!r}  {verdict}")
     shown = min(len(facts), args.limit)
