@@ -1,0 +1,166 @@
+"""Chat-form and paraphrased recall: which forms of a fact are recalled after training, and at
+what cost.
+
+Per fact kind (40 facts each by default), one training per variant on a fresh base model:
+- `prompt-only`: the prompt form alone (what memupdate trained before chat forms; the baseline
+  of the time ratio);
+- `default-chat`: the prompt and the chat form made from it (the prompt as the user turn), what a
+  fact posted without questions gets;
+- `all-forms`: the prompt, two paraphrases and two chat questions per fact (fact_sets.FORMS).
+Every adapter is measured teacher-forced (p > 0.5 on every target token = greedy-exact) on the
+trained forms, and on held-out paraphrases and questions worded differently, never trained.
+With `--serve`, the `all-forms` adapters are also loaded into one vLLM and every trained and
+held-out question is asked through /v1/chat/completions (greedy): trained questions must come
+back exactly; a held-out answer counts when it contains the target.
+
+A variant may change the training: `all-forms:margin=0.4` (train until every target token has
+p > 0.9), `all-forms:locality=0` (no locality term), `all-forms:rank=16`.
+
+    cd bench && ../.venv/bin/python forms.py --kinds all --serve
+
+The adapters go to a temporary folder (printed); `--serve-only DIR` asks through vLLM again with
+the adapters saved there, without training.
+"""
+
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from common import kinds, parser, setup, train_and_measure
+
+from memupdate.memory.adapter import default_family
+from memupdate.memory.encoding import encode_facts, model_context_length
+from memupdate.memory.fact_sets import KINDS
+from memupdate.memory.recall import measure_recall
+
+VARIANTS = ("prompt-only", "default-chat", "all-forms")
+
+
+def encoded_sets(tok, context: int, kind: str, count: int, seed: int) -> dict:
+    """Training sets per variant, and the two measurement sets (trained forms, held out)."""
+    plain = KINDS[kind](count, seed=seed)
+    trained = KINDS[kind](count, seed=seed, forms="trained")
+    held = KINDS[kind](count, seed=seed, forms="held_out")
+    everything = encode_facts(trained, tok, context)
+    return {
+        "prompt-only": encode_facts(plain, tok, context, chat=False),
+        "default-chat": encode_facts(plain, tok, context),
+        "all-forms": everything,
+        "measure-trained": everything,
+        # the held-out set's prompt form is the trained prompt: leave it out
+        "measure-held-out": [f for f in encode_facts(held, tok, context) if f.form != "prompt"],
+    }
+
+
+def by_form(model, facts, pad_id: int) -> dict[str, float]:
+    return {k: v["fact_recall"] for k, v in measure_recall(model, facts, pad_id).forms.items()}
+
+
+def chat_questions(tok, sets: dict) -> dict[str, list]:
+    """(question, answer, must be exact) for the trained and the held-out chat forms."""
+
+    def of(name: str, exact: bool) -> list:
+        return [
+            (f.asked, tok.decode(list(f.target_ids), skip_special_tokens=True), exact)
+            for f in sets[name]
+            if f.form == "chat"
+        ]
+
+    return {"trained": of("measure-trained", True), "held-out": of("measure-held-out", False)}
+
+
+def serve_check(folder, adapters: dict[str, Path], questions: dict[str, list], work: Path):
+    """Ask each kind's adapter every question through vLLM's chat endpoint; per kind
+    (trained questions answered exactly, held-out questions whose answer contains the target)."""
+    from memupdate.serving.vllm_server import ManagedVLLM, ServerConfig
+
+    server = ManagedVLLM(ServerConfig(model=folder, max_lora_rank=16), log_path=work / "vllm.log")
+    server.start()
+    try:
+        client = server.client
+        out = {}
+        for kind, path in adapters.items():
+            client.load_adapter(kind, str(path))
+            scores = {}
+            for group, items in questions[kind].items():
+                hits = 0
+                for question, answer, exact in items:
+                    reply = client.chat(kind, question, 48)["choices"][0]["message"]["content"]
+                    hits += (reply == answer) if exact else (answer in (reply or ""))
+                scores[group] = (hits, len(items))
+            out[kind] = scores
+        return out
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--serve", action="store_true", help="also ask through vLLM's chat endpoint")
+    p.add_argument("--serve-only", type=Path, help="only ask with the adapters saved in DIR")
+    args = p.parse_args()
+    folder, load = setup(args)
+    model, tok = load()
+    context = model_context_length(model)
+    work = args.serve_only or Path(tempfile.mkdtemp(prefix="forms-"))
+    print(f"adapters and the vLLM log in {work}", flush=True)
+    adapters, questions = {}, {}
+    header = (
+        "| kind | variant | sequences | ℓ | time ratio | trained forms (prompt / paraphrase / "
+        "chat) | held-out (paraphrase / chat) | locality agreement | prompts unchanged |"
+    )
+    rows = []
+    for kind in kinds(args):
+        sets = encoded_sets(tok, context, kind, args.facts, args.seed)
+        baseline = None
+        if args.serve_only:
+            adapters[kind] = work / kind
+            questions[kind] = chat_questions(tok, sets)
+        for variant in [] if args.serve_only else args.variants.split(","):
+            name, *changes = variant.split(":")
+            change = dict(c.split("=") for c in changes)
+            settings = {"margin": float(change["margin"])} if "margin" in change else {}
+            if "locality" in change:
+                family = default_family(model.config.num_hidden_layers)
+                settings["family"] = replace(family, locality_weight=float(change["locality"]))
+            facts = sets[name]
+            t0 = time.monotonic()
+            result, locality, peft_model = train_and_measure(
+                load,
+                facts,
+                int(change.get("rank", args.rank)),
+                args.seed,
+                args.max_steps,
+                **settings,
+            )
+            seconds = time.monotonic() - t0
+            baseline = baseline or seconds
+            trained = by_form(peft_model, sets["measure-trained"], tok.pad_token_id)
+            held = by_form(peft_model, sets["measure-held-out"], tok.pad_token_id)
+            ell = sum(len(f.target_ids) for f in facts)
+            rows.append(
+                f"| {kind} | {variant} | {len(facts)} | {ell} | {seconds / baseline:.2f}x "
+                f"({result.steps} steps) | {trained['prompt']:.3f} / {trained['paraphrase']:.3f}"
+                f" / {trained['chat']:.3f} | {held['paraphrase']:.3f} / {held['chat']:.3f} | "
+                f"{locality.token_agreement:.3f} | {locality.prompts_unchanged:.2f} |"
+            )
+            print(rows[-1], flush=True)
+            if name == "all-forms" and args.serve:
+                adapters[kind] = work / kind  # the last all-forms variant's adapter
+                peft_model.save_pretrained(adapters[kind])
+                questions[kind] = chat_questions(tok, sets)
+    print(f"\nrank {args.rank}, default family, seed {args.seed}, {args.facts} facts per kind\n")
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    print("\n".join(rows))
+    if adapters:
+        print("\nthrough vLLM's /v1/chat/completions (greedy):")
+        for kind, scores in serve_check(folder, adapters, questions, work).items():
+            line = ", ".join(f"{g} {h}/{n}" for g, (h, n) in scores.items())
+            print(f"- {kind}: {line}")
+
+
+if __name__ == "__main__":
+    main()
