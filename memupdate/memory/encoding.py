@@ -26,8 +26,6 @@ from functools import lru_cache
 
 from memupdate.memory.facts import Fact, FactError, raise_collected
 
-FORMS = ("prompt", "paraphrase", "chat")
-
 
 @dataclass(frozen=True)
 class EncodedFact:
@@ -35,7 +33,7 @@ class EncodedFact:
     source: str
     prompt_ids: tuple[int, ...]
     target_ids: tuple[int, ...]
-    form: str = "prompt"  # one of FORMS
+    form: str = "prompt"  # "prompt", "paraphrase" or "chat"
     asked: str = ""  # the prompt, paraphrase or question as written (a chat form's user turn)
 
     @property
@@ -108,9 +106,7 @@ def _forms(fact: Fact, tokenizer, chat: bool) -> list[EncodedFact]:
     if fact.questions and not has_chat_template(tokenizer):
         raise FactError(f"{where}: `questions` given, but the base model has no chat template")
     if chat and has_chat_template(tokenizer):
-        answer = fact.target.strip()
-        if not answer:
-            raise FactError(f"{where}: the target is only spaces, nothing to answer in chat")
+        answer = fact.target.strip()  # never empty: a blank target is refused with the fact
         reply = (*_target_ids(tokenizer, answer, where), *end_of_turn_ids(tokenizer))
         for k, question in enumerate(fact.questions or (fact.prompt,), start=1):
             text = chat_prompt(tokenizer, question)
