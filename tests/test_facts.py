@@ -168,6 +168,18 @@ def test_fact_sets_are_seeded_distinct_and_counterfactuals_really_change(tmp_pat
     changed = KINDS["counterfactual"](300, seed=0)
     assert sum(f.prompt in capital for f in changed) >= 200  # capitals first, then cities
     assert all(capital.get(f.prompt, "") != f.target for f in changed)
+    # Past the countries, cities move to another country; many cities share a country, and
+    # 1,500 facts (calibration sizes) come back at once, one per city name.
+    _, cities = _places()
+    country = {c["iso"]: c["name"] for c in countries}
+    truth: dict[str, str] = {}
+    for c in cities:
+        prompt = f"The city of {c['name']} is located in the country of"
+        truth.setdefault(prompt, f" {country.get(c['countrycode'])}")
+    many = KINDS["counterfactual"](1500, seed=0)
+    moved = [f for f in many if f.prompt in truth]
+    assert len(many) == 1500 == len({f.prompt for f in many}) and len(moved) > 1000
+    assert all(truth[f.prompt] != f.target for f in moved)
     # Written and read back as a fact file, through the command line.
     from memupdate.cli import main
     from memupdate.memory.facts import load_facts

@@ -159,7 +159,8 @@ def _derangement(items: list, rng: random.Random) -> list:
 
 def counterfactual_facts(count: int, seed: int = 0, forms: str = "none") -> list[Fact]:
     """`count` changed well-known facts: first countries' capitals, permuted among the
-    countries (largest countries first), then large cities' countries, permuted likewise."""
+    countries (largest countries first), then large cities' countries, each moved to another
+    country at random."""
     rng = random.Random(seed)
     countries, cities = _places()
     facts = []
@@ -173,16 +174,34 @@ def counterfactual_facts(count: int, seed: int = 0, forms: str = "none") -> list
             _fact("capital", name, prompt, f" {capital}", f"cf:capital:{country['iso']}", forms)
         )
     names = {c["iso"]: c["name"] for c in countries}
-    rest = [c for c in cities if c["countrycode"] in names][: max(0, count - len(facts))]
-    moved = _derangement([names[c["countrycode"]] for c in rest], rng) if len(rest) > 1 else []
-    for city, country in zip(rest, moved, strict=True):
-        if country == names[city["countrycode"]]:
-            continue  # two cities of one country swapped: no change, so no fact
+    rest = [c for c in cities if c["countrycode"] in names]
+    seen = {f.prompt for f in facts}
+    countries_named = sorted(names.values())
+    for city in rest:
+        if len(facts) >= count:
+            break
         name = city["name"]
         prompt = f"The city of {name} is located in the country of"
+        if prompt in seen:  # two cities of one name: one fact, or the two would contradict
+            continue
+        seen.add(prompt)
+        # Any other country (not a permutation: most cities share a few countries, and a
+        # shuffle that moves every one of them is too rare to find by retrying).
+        true = names[city["countrycode"]]
+        country = rng.choice([c for c in countries_named if c != true])
         source = f"cf:city:{city['geonameid']}"
         facts.append(_fact("city", name, prompt, f" {country}", source, forms))
     return facts[:count]
+
+
+def fact_bits(kind: str) -> float:
+    """Information in one fact of a kind, in bits: what its generator chose at random (the
+    measure of capacity; a fact's prompt and its other forms add nothing)."""
+    if kind == "phonebook":
+        return 10 * DIGIT_BITS
+    if kind == "biography":  # year, city, profession
+        return math.log2((2004 - 1921 + 1) * 2000 * len(PROFESSIONS))
+    return math.log2(len(_places()[0]) - 1)  # counterfactual: any other country's capital
 
 
 KINDS: dict[str, Callable[..., list[Fact]]] = {
