@@ -41,7 +41,7 @@ def test_calibrate_writes_a_law_that_reloads_predicts_and_resumes(
     assert law.fit["n_points"] == 6 and "holdout_points" in law.fit
     assert (out / "law.png").stat().st_size > 10_000
     # The stored fit is reproduced from the stored points.
-    refit = ParametricMemoryLaw.fit_points(law.points)
+    refit = ParametricMemoryLaw.fit_points(law.points, law.response)
     assert (
         refit.alpha == law.alpha
         and refit.beta == law.beta
@@ -82,7 +82,7 @@ def test_an_epoch_budget_and_a_narrow_family_make_their_own_law(tiny_dir, tmp_pa
     monkeypatch.setenv("MEMUPDATE_HOME", str(tmp_path / "home"))
     out = tmp_path / "cal"
     args = ["calibrate", "--model", str(tiny_dir), "--ranks", "1,4", "--lengths", "40,400"]
-    args += ["--epochs", "3", "--modules", "down_proj", "--lr", "1e-2"]
+    args += ["--epochs", "3", "--min-steps", "0", "--modules", "down_proj", "--lr", "1e-2"]
     assert main([*args, "--out", str(out), "--install", "--quiet"]) == 0
     law = ParametricMemoryLaw.load(out / "law.json")
     assert law.training["epochs"] == 3 and "steps" not in law.training
@@ -114,7 +114,7 @@ def test_calibrate_on_a_users_fact_file(tiny_dir, tmp_path, monkeypatch, capsys)
     ]
     write_facts(facts, tmp_path / "mine.jsonl")
     args = ["calibrate", "--model", str(tiny_dir), "--facts", str(tmp_path / "mine.jsonl")]
-    args += ["--ranks", "1,4", "--epochs", "3", "--quiet"]
+    args += ["--ranks", "1,4", "--epochs", "3", "--min-steps", "0", "--quiet"]
 
     assert main([*args, "--lengths", "30,90", "--out", str(tmp_path / "cal")]) == 0
     law = ParametricMemoryLaw.load(tmp_path / "cal" / "law.json")
@@ -127,3 +127,41 @@ def test_calibrate_on_a_users_fact_file(tiny_dir, tmp_path, monkeypatch, capsys)
     assert main([*args, "--lengths", "30,100000", "--out", str(tmp_path / "short")]) == 2
     assert "fewer than the largest ℓ asked for (100000)" in capsys.readouterr().err
     assert not (tmp_path / "short" / "points.jsonl").exists()
+
+
+def test_calibrate_over_several_kinds_of_facts(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Each kind gets its own runs at every ℓ and rank; the law stores the kinds, the points
+    their kind, and the fit how the law predicts each kind from the others alone."""
+    monkeypatch.setenv("MEMUPDATE_HOME", str(tmp_path / "home"))
+    out = tmp_path / "cal"
+    args = ["calibrate", "--model", str(tiny_dir), "--ranks", "1,4", "--lengths", "30,60"]
+    args += ["--epochs", "2", "--min-steps", "0", "--out", str(out), "--quiet"]
+    assert main([*args, "--kinds", "phonebook,counterfactual"]) == 0
+    points = load_points(out / "points.jsonl")
+    assert sorted(points) == sorted(
+        f"{kind}-r{rank}-l{ell}-s0"
+        for kind in ("phonebook", "counterfactual")
+        for rank in (1, 4)
+        for ell in (30, 60)
+    )
+    assert {p.kind for p in points.values()} == {"phonebook", "counterfactual"}
+    law = ParametricMemoryLaw.load(out / "law.json")
+    assert law.response == "relative" and law.training["facts"] == "phonebook,counterfactual"
+    assert set(law.fit["holdout_kinds"]) == {"phonebook", "counterfactual"}
+    assert all(0 <= e <= 1 for e in law.fit["holdout_kinds"].values())
+
+    # A second part of the grid into the same folder, fitted with the first part's points.
+    part = ["calibrate", "--model", str(tiny_dir), "--ranks", "1,4", "--lengths", "90"]
+    part += ["--kinds", "phonebook", "--min-steps", "0", "--out", str(out), "--quiet"]
+    assert main([*part, "--epochs", "2", "--fit-all"]) == 0
+    law = ParametricMemoryLaw.load(out / "law.json")
+    assert law.fit["n_points"] == 10 and {p.sequence_length >= 90 for p in law.points} == {
+        True,
+        False,
+    }
+    capsys.readouterr()
+    assert main([*part, "--epochs", "1", "--fit-all"]) == 2  # another budget: not one law
+    assert "calibrated with another budget?" in capsys.readouterr().err
+
+    assert main([*args, "--kinds", "phonebook,recipes"]) == 2
+    assert "unknown fact-set kind(s) ['recipes']" in capsys.readouterr().err

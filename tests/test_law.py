@@ -27,6 +27,44 @@ def synthetic_points(noise: float, seed: int = 0) -> list[LawPoint]:
     return points
 
 
+def relative_points(kinds: dict[str, float]) -> list[LawPoint]:
+    """Points of several kinds (name -> base loss L0) from one relative law: training removes
+    the same share of the base loss whatever L0 is."""
+    points = []
+    for kind, l0 in kinds.items():
+        for r in (1, 4, 16):
+            for ell in (250, 1000, 4000):
+                share = min(1.5 * r**0.2 * ell**-0.25 + 0.3, 0.995)
+                after = l0 * (1 - share)
+                recall = 1 / (1 + (after / 0.4) ** 3)
+                points.append(LawPoint(r, ell, l0, after, recall, source=f"{kind}-{r}-{ell}"))
+                points[-1].kind = kind
+    return points
+
+
+def test_a_relative_law_predicts_a_kind_of_fact_it_was_not_fitted_on():
+    """Fitted on facts with base losses 2 and 3, the relative response predicts facts with a
+    base loss of 7 (a counterfactual update); the absolute one, which takes ΔL in nats as fixed,
+    predicts far too much left over."""
+    seen = relative_points({"phonebook": 2.0, "biography": 3.0})
+    unseen = relative_points({"counterfactual": 7.0})
+    relative = ParametricMemoryLaw.fit_points(seen, "relative")
+    absolute = ParametricMemoryLaw.fit_points(seen, "absolute")
+
+    assert relative.response == "relative" and relative.fit["r2_log"] > 0.99
+    assert relative.recall_error(unseen) < 0.05 < absolute.recall_error(unseen)
+    reloaded = ParametricMemoryLaw.from_dict(relative.to_dict())
+    assert reloaded.response == "relative" and reloaded.predict(4, 1000, 7.0) == relative.predict(
+        4, 1000, 7.0
+    )
+    assert "dL / L0" in relative.to_dict()["form"]
+    # A law stored before responses existed is absolute.
+    old = {k: v for k, v in absolute.to_dict().items() if k != "response"}
+    assert ParametricMemoryLaw.from_dict(old).response == "absolute"
+    with pytest.raises(LawError, match="response must be one of"):
+        ParametricMemoryLaw.fit_points(seen, "squared")
+
+
 def test_fit_recovers_known_constants_from_noisy_points():
     law = ParametricMemoryLaw.fit_points(synthetic_points(noise=0.03))
     assert law.alpha == pytest.approx(TRUE["alpha"], abs=0.05)
@@ -52,9 +90,7 @@ def test_runs_stopped_by_full_recall_are_lower_bounds_in_the_fit():
     assert law.alpha == pytest.approx(TRUE["alpha"], abs=0.08)
     assert law.beta == pytest.approx(TRUE["beta"], abs=0.1)
     # Every stopped run is predicted to reduce the loss at least as far as it got.
-    predicted = [
-        law.loss_reduction(p.rank, p.sequence_length) for p in points if p.fact_recall == 1
-    ]
+    predicted = [law.reduction(p.rank, p.sequence_length) for p in points if p.fact_recall == 1]
     observed = [p.loss_reduction for p in points if p.fact_recall == 1]
     assert sum(pr < 0.95 * ob for pr, ob in zip(predicted, observed, strict=True)) <= 1
     # The same points taken as exact (no run marked stopped) give the flat law of the old fit.
@@ -169,11 +205,39 @@ def test_plan_takes_the_best_rank_when_no_rank_is_predicted_to_reach(tiny):
     assert plan.rank == 4 and "so rank 4: the smallest" in plan.law
     assert plan.predicted_fact_recall < 0.999
     ell = plan.sequence_length
-    assert law.loss_reduction(4, ell) > law.loss_reduction(2, ell) * math.exp(law.flat_tolerance())
+    assert law.reduction(4, ell) > law.reduction(2, ell) * math.exp(law.flat_tolerance())
     easy = plan_update(
         model, facts, tok.pad_token_id, ModelIdentity("t", "d"), family, 1e-9, max_rank=4, law=law
     )
     assert easy.rank == 1 and easy.law == "given"
+
+
+def test_a_training_gets_at_least_the_law_budget(tiny):
+    """The law promises recall within its budget (epochs over the base), so a job's step
+    budget is the law's for that base, at least MIN_TRAINING_STEPS."""
+    from memupdate.memory.adapter import default_family
+    from memupdate.memory.base_model import ModelIdentity
+    from memupdate.memory.calibration import MIN_TRAINING_STEPS
+    from memupdate.memory.encoding import encode_facts
+    from memupdate.memory.fact_sets import phonebook_facts
+    from memupdate.memory.planning import plan_update
+
+    model, tok = tiny
+    law = ParametricMemoryLaw.fit_points(
+        synthetic_points(0.0), training={"epochs": 150, "batch_size": 16}
+    )
+    family = default_family(model.config.num_hidden_layers)
+
+    def plan(count):
+        facts = encode_facts(phonebook_facts(count), tok, 256)  # no chat template: one form
+        return plan_update(
+            model, facts, tok.pad_token_id, ModelIdentity("t", "d"), family, 0.9, law=law
+        )
+
+    small, large = plan(40), plan(300)
+    assert small.budget_steps == 150 * 3 and small.training_steps() == MIN_TRAINING_STEPS
+    assert large.budget_steps == 150 * 19 == large.training_steps()
+    assert large.to_dict()["budget_steps"] == 2850
 
 
 def test_a_law_flat_in_rank_falls_back_to_the_smallest_rank():
@@ -184,7 +248,7 @@ def test_a_law_flat_in_rank_falls_back_to_the_smallest_rank():
         flat.choose_rank(330, 0.9, 2.5, max_rank=8)
     plan = flat.best_effort_rank(330, 2.5, max_rank=8)
     assert plan.rank == 1
-    assert flat.loss_reduction(8, 330) / flat.loss_reduction(1, 330) < math.exp(FLAT_TOLERANCE)
+    assert flat.reduction(8, 330) / flat.reduction(1, 330) < math.exp(FLAT_TOLERANCE)
     steep = ParametricMemoryLaw(C=2.0, alpha=0.5, beta=0.3, b=0.0, L50=0.4, k=3.0)
     assert steep.best_effort_rank(4000, 3.0, max_rank=8).rank == 8
 
@@ -198,15 +262,17 @@ def test_only_trainings_within_the_law_budget_refine_it(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MEMUPDATE_HOME", str(tmp_path))
     identity, family = ModelIdentity("m", "d"), AdapterFamily(layers=(1,))
-    law = ParametricMemoryLaw.fit_points(synthetic_points(0.02))
+    law = ParametricMemoryLaw.fit_points(synthetic_points(0.02), "relative")
     law.training = {"epochs": 10, "batch_size": 16}
     law.save(user_law_path(identity, family))
     past = LawPoint(4, 440, 3.0, 0.1, 1.0, source="job:long", steps=31, facts=40)
     within = LawPoint(4, 440, 3.0, 0.1, 1.0, source="job:short", steps=30, facts=40)
     assert record_training(identity, family, past) is None
     assert record_training(identity, family, within) == user_law_path(identity, family)
-    sources = {p.source for p in ParametricMemoryLaw.load(user_law_path(identity, family)).points}
+    refined = ParametricMemoryLaw.load(user_law_path(identity, family))
+    sources = {p.source for p in refined.points}
     assert "job:short" in sources and "job:long" not in sources
+    assert refined.response == "relative" and len(refined.history) == 1  # refitted in its form
 
 
 def test_a_law_file_for_another_family_is_refused(tmp_path, monkeypatch):

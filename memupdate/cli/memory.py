@@ -16,15 +16,25 @@ from memupdate.memory.base_model import (
     model_identity,
     prepare_default_model,
 )
+from memupdate.memory.calibration import MIN_TRAINING_STEPS
 from memupdate.memory.encoding import sequence_length
 from memupdate.memory.fact_sets import KINDS, phonebook_facts
 from memupdate.memory.facts import FactError, write_facts
+from memupdate.memory.law import FORMS as LAW_FORMS
 from memupdate.memory.law import LawError, LawPoint
 from memupdate.memory.locality import measure_locality, retain_set
 from memupdate.memory.memft import DEFAULT_MARGIN, MODES, Progress, TrainSettings, train_adapter
 from memupdate.memory.planning import DEFAULT_MAX_RANK, record_training
 from memupdate.memory.recall import greedy_check, greedy_continuation, measure_recall
 from memupdate.memory.tiny_model import prepare_tiny_model
+
+
+def parse_kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        raise ValueError(f"unknown fact-set kind(s) {unknown}; choose from {sorted(KINDS)}")
+    return kinds
 
 
 def cmd_model_prepare(args) -> int:
@@ -82,19 +92,20 @@ def cmd_train(args) -> int:
         plan = base.plan(facts, family, args)
         print(f"law chose rank {plan.rank} for ℓ={plan.sequence_length} ({plan.law})")
     rank = args.rank or plan.rank
+    max_steps = args.max_steps or (plan.training_steps() if plan else MIN_TRAINING_STEPS)
     settings = TrainSettings(
         rank=rank,
         family=family,
         mode=args.mode,
         margin=args.margin,
         batch_size=args.batch_size,
-        max_steps=args.max_steps,
+        max_steps=max_steps,
         max_seconds=args.max_seconds,
         seed=args.seed,
     )
     from tqdm import tqdm
 
-    bar = tqdm(total=args.max_steps, desc=f"{args.mode} r={rank}", unit="step", disable=args.quiet)
+    bar = tqdm(total=max_steps, desc=f"{args.mode} r={rank}", unit="step", disable=args.quiet)
 
     def show(p: Progress) -> None:
         bar.update(p.step - bar.n)
@@ -222,9 +233,10 @@ def cmd_calibrate(args) -> int:
     from memupdate.memory.calibration import (
         Grid,
         calibrate,
+        fact_set_source,
         file_source,
         fit_with_holdout,
-        phonebook_source,
+        folder_points,
         plot,
     )
     from memupdate.memory.planning import shipped_law_path, user_law_path
@@ -237,7 +249,8 @@ def cmd_calibrate(args) -> int:
         seeds=parse_ints(args.seeds),
         steps=None if args.epochs else args.steps,
         epochs=args.epochs,
-        facts=f"file:{Path(args.facts).name}" if args.facts else "phonebook",
+        min_steps=args.min_steps,
+        kinds=(f"file:{Path(args.facts).name}",) if args.facts else parse_kinds(args.kinds),
     )
     if args.facts:  # read and checked once, before any training
         user_facts = base.encode(args.facts, args.max_facts)
@@ -248,7 +261,7 @@ def cmd_calibrate(args) -> int:
             )
         source = partial(file_source, user_facts)
     else:
-        source = partial(phonebook_source, base.encode_facts)
+        source = partial(fact_set_source, base.encode_facts)
 
     out = Path(args.out)
     bar = tqdm(
@@ -281,8 +294,11 @@ def cmd_calibrate(args) -> int:
     )
     steps.close()
     bar.close()
+    if args.fit_all:
+        points = folder_points(out, grid)
     law = fit_with_holdout(
         points,
+        args.response,
         base_model=base.identity.to_dict(),
         family=family.to_dict(),
         training=grid.training(),
@@ -349,7 +365,12 @@ def add_commands(sub) -> None:
     train.add_argument("--mode", choices=MODES, default="memft")
     train.add_argument("--margin", type=float, default=DEFAULT_MARGIN)
     train.add_argument("--batch-size", type=int, default=16)
-    train.add_argument("--max-steps", type=int, default=2000)
+    train.add_argument(
+        "--max-steps",
+        type=int,
+        help=f"step budget (default: the law's budget for these facts, at least "
+        f"{MIN_TRAINING_STEPS})",
+    )
     train.add_argument("--max-seconds", type=float)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
@@ -375,15 +396,38 @@ def add_commands(sub) -> None:
     cal.add_argument("--lengths", default="110,220,440,880", help="ℓ values, target tokens")
     cal.add_argument("--seeds", default="0")
     cal.add_argument(
+        "--kinds",
+        default="phonebook",
+        help=f"seeded fact sets to calibrate on, comma list of {', '.join(KINDS)}",
+    )
+    cal.add_argument(
         "--facts",
-        help="your own fact file, sliced to each ℓ (shuffled by seed); default: phonebook facts",
+        help="your own fact file, sliced to each ℓ (shuffled by seed), instead of --kinds",
+    )
+    cal.add_argument(
+        "--response",
+        choices=list(LAW_FORMS),
+        default="relative",
+        help="what the law's power term predicts: ΔL/L0 (relative) or ΔL (absolute)",
     )
     budget = cal.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=150, help="training budget per run (steps)")
     budget.add_argument(
         "--epochs", type=int, help="training budget per run in passes over its facts"
     )
+    cal.add_argument(
+        "--min-steps",
+        type=int,
+        default=MIN_TRAINING_STEPS,
+        help="an epoch budget's floor in steps (jobs get the same)",
+    )
     cal.add_argument("--out", required=True, help="folder for points.jsonl, law.json, law.png")
+    cal.add_argument(
+        "--fit-all",
+        action="store_true",
+        help="fit every point in the folder's points.jsonl (a calibration run in parts, with "
+        "the same family and budget), not only this grid's",
+    )
     cal.add_argument(
         "--install",
         action="store_true",

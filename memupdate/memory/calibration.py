@@ -22,10 +22,16 @@ import numpy as np
 
 from memupdate.memory.adapter import AdapterFamily, params_per_rank
 from memupdate.memory.encoding import EncodedFact, sequence_length
-from memupdate.memory.fact_sets import phonebook_facts
+from memupdate.memory.fact_sets import KINDS
 from memupdate.memory.law import LawError, LawPoint, ParametricMemoryLaw, log_errors
 from memupdate.memory.locality import measure_locality, retain_set
 from memupdate.memory.memft import Progress, TrainSettings, train_adapter
+
+# The fewest steps an epoch budget allows. A knowledge base of a few facts fills one batch, so
+# E epochs would be E steps, far fewer than MemFT needs to reach a fact: small bases get this
+# floor (MemFT stops as soon as every token passes, so it costs nothing once they are learned).
+# Jobs get the same budget (planning.PlanReport.training_steps), so the law describes them.
+MIN_TRAINING_STEPS = 2000
 
 
 @dataclass(frozen=True)
@@ -35,8 +41,11 @@ class Grid:
     seeds: tuple[int, ...] = (0,)
     steps: int | None = 150  # training budget: optimizer steps per run, or
     epochs: int | None = None  # passes over the run's facts (steps = epochs x batches)
+    min_steps: int = MIN_TRAINING_STEPS  # an epoch budget's floor
     batch_size: int = 16
-    facts: str = "phonebook"  # where the facts come from, as stored in the law
+    # Where the facts come from, as stored in the law: fact-set kinds (memory/fact_sets.py),
+    # or ("file:NAME",) for a user's file.
+    kinds: tuple[str, ...] = ("phonebook",)
 
     def __post_init__(self):
         if (self.steps is None) == (self.epochs is None):
@@ -44,21 +53,27 @@ class Grid:
 
     def training(self) -> dict:
         """The budget as stored in the law (and read back by `budget_steps`)."""
-        budget = {"steps": self.steps} if self.steps is not None else {"epochs": self.epochs}
-        return {"mode": "memft", **budget, "batch_size": self.batch_size, "facts": self.facts}
+        if self.steps is not None:
+            budget = {"steps": self.steps}
+        else:
+            budget = {"epochs": self.epochs, "min_steps": self.min_steps}
+        facts = ",".join(self.kinds)
+        return {"mode": "memft", **budget, "batch_size": self.batch_size, "facts": facts}
 
-    def runs(self) -> Iterator[tuple[int, int, int]]:
+    def runs(self) -> Iterator[tuple[str, int, int, int]]:
         for seed in self.seeds:
             for ell in self.lengths:
-                for rank in self.ranks:
-                    yield rank, ell, seed
+                for kind in self.kinds:
+                    for rank in self.ranks:
+                        yield kind, rank, ell, seed
 
 
 def budget_steps(training: dict, facts: int) -> int | None:
-    """Optimizer steps a law's training budget allows for a run over `facts` facts (None: the
-    law does not say)."""
+    """Optimizer steps a law's training budget allows for a run over `facts` facts (sequences;
+    None: the law does not say)."""
     if training.get("epochs"):
-        return training["epochs"] * math.ceil(facts / training["batch_size"])
+        epochs = training["epochs"] * math.ceil(facts / training["batch_size"])
+        return max(training.get("min_steps", 0), epochs)
     return training.get("steps")
 
 
@@ -72,21 +87,26 @@ def slice_to_length(facts: list[EncodedFact], ell: int) -> list[EncodedFact]:
     raise LawError(f"the fact source holds only {total} target tokens, fewer than ℓ={ell}")
 
 
-def phonebook_source(encode: Callable, seed: int, ell: int) -> list[EncodedFact]:
-    """Enough seeded phonebook facts for ℓ target tokens (each holds about 11)."""
-    facts = encode(phonebook_facts(ell // 4 + 10, seed=seed))
-    return slice_to_length(facts, ell)
+def fact_set_source(encode: Callable, kind: str, seed: int, ell: int) -> list[EncodedFact]:
+    """Enough seeded facts of `kind` for ℓ target tokens, encoded as jobs encode them (every
+    form: a fact's chat form counts towards ℓ)."""
+    count = 16
+    while True:
+        facts = encode(KINDS[kind](count, seed=seed))
+        if sequence_length(facts) >= ell:
+            return slice_to_length(facts, ell)
+        count *= 2
 
 
-def file_source(facts: list[EncodedFact], seed: int, ell: int) -> list[EncodedFact]:
+def file_source(facts: list[EncodedFact], kind: str, seed: int, ell: int) -> list[EncodedFact]:
     """A user's facts, shuffled by the seed (each seed a different sample), cut to ℓ."""
     shuffled = list(facts)
     random.Random(seed).shuffle(shuffled)
     return slice_to_length(shuffled, ell)
 
 
-def run_key(rank: int, ell: int, seed: int) -> str:
-    return f"r{rank}-l{ell}-s{seed}"
+def run_key(kind: str, rank: int, ell: int, seed: int) -> str:
+    return f"{kind}-r{rank}-l{ell}-s{seed}"
 
 
 def load_points(path: Path) -> dict[str, LawPoint]:
@@ -114,7 +134,7 @@ def calibrate(
     family: AdapterFamily,
     grid: Grid,
     out: Path,
-    source: Callable[[int, int], list[EncodedFact]],
+    source: Callable[[str, int, int], list[EncodedFact]],
     on_run: Callable[[str, LawPoint | None], None] = lambda key, point: None,
     on_progress: Callable[[str, Progress], None] = lambda key, progress: None,
 ) -> list[LawPoint]:
@@ -122,12 +142,12 @@ def calibrate(
     out.mkdir(parents=True, exist_ok=True)
     path = out / "points.jsonl"
     done = load_points(path)
-    for rank, ell, seed in grid.runs():
-        key = run_key(rank, ell, seed)
+    for kind, rank, ell, seed in grid.runs():
+        key = run_key(kind, rank, ell, seed)
         if key in done:
             on_run(key, done[key])
             continue
-        facts = source(seed, ell)
+        facts = source(kind, seed, ell)
         model, tokenizer = load_model()
         settings = TrainSettings(
             rank=rank,
@@ -156,6 +176,7 @@ def calibrate(
             steps=result.steps,
             facts=len(facts),
             locality=measure_locality(peft_model, tokenizer).token_agreement,
+            kind=kind,
         )
         append_point(path, point)
         done[key] = point
@@ -163,21 +184,39 @@ def calibrate(
     return [done[run_key(*cell)] for cell in grid.runs()]
 
 
-def fit_with_holdout(points: list[LawPoint], **meta) -> ParametricMemoryLaw:
+def folder_points(out: Path, grid: Grid) -> list[LawPoint]:
+    """Every point in out/points.jsonl: this grid's and those of earlier grids run into the same
+    folder (a calibration run in parts). A point that took more steps than this grid's budget
+    allows was calibrated with another budget and is refused."""
+    points = list(load_points(out / "points.jsonl").values())
+    for point in points:
+        budget = budget_steps(grid.training(), point.facts)
+        if budget is not None and point.steps > budget:
+            raise LawError(
+                f"{point.source} in {out} took {point.steps} steps, past this budget's {budget}: "
+                f"calibrated with another budget? Fit it with its own --epochs/--steps"
+            )
+    return points
+
+
+def fit_with_holdout(
+    points: list[LawPoint], response: str = "absolute", **meta
+) -> ParametricMemoryLaw:
     """Fit on all points, and estimate the law's error on points it has not seen: leave each
-    point out in turn, refit, predict it (log ΔL, censored as in the fit, and fact recall).
-    The error is also given over the budget-limited runs alone, the ones whose ΔL is exact."""
-    law = ParametricMemoryLaw.fit_points(points, **meta)
+    point out in turn, refit, predict it (log reduction, censored as in the fit, and fact
+    recall). The error is also given over the budget-limited runs alone, the ones whose ΔL is
+    exact, and, when the points span several kinds of facts, per kind with that whole kind
+    left out (how the law does on a kind of fact it has never seen)."""
+    law = ParametricMemoryLaw.fit_points(points, response, **meta)
     log_err, recall_err, limited = [], [], []
     for i, held in enumerate(points):
         try:
-            partial = ParametricMemoryLaw.fit_points(points[:i] + points[i + 1 :])
+            partial = ParametricMemoryLaw.fit_points(points[:i] + points[i + 1 :], response)
         except LawError:  # without this point the grid no longer spans two ranks or two ℓ
             continue
-        predicted = partial.loss_reduction(held.rank, held.sequence_length)
-        log_err.append(abs(float(log_errors(np.array([predicted]), [held])[0])))
-        _, recall = partial.predict(held.rank, held.sequence_length, held.loss_before_nats)
-        recall_err.append(abs(recall - held.fact_recall))
+        predicted = partial.reduction(held.rank, held.sequence_length)
+        log_err.append(abs(float(log_errors(np.array([predicted]), [held], response)[0])))
+        recall_err.append(partial.recall_error([held]))
         if not held.stopped:
             limited.append(log_err[-1])
     law.fit.update(
@@ -188,13 +227,29 @@ def fit_with_holdout(points: list[LawPoint], **meta) -> ParametricMemoryLaw:
             "holdout_mean_abs_fact_recall": float(np.mean(recall_err)) if recall_err else None,
             "holdout_budget_limited_points": len(limited),
             "holdout_budget_limited_mean_abs_log_dl": float(np.mean(limited)) if limited else None,
+            "holdout_kinds": kind_holdout(points, response),
         }
     )
     return law
 
 
+def kind_holdout(points: list[LawPoint], response: str) -> dict[str, float]:
+    """Kind -> mean |predicted − achieved fact recall| over that kind's points, from a law
+    fitted on the other kinds only (empty when the points hold one kind)."""
+    kinds = sorted({p.kind for p in points})
+    errors = {}
+    for kind in kinds if len(kinds) > 1 else []:
+        try:
+            others = ParametricMemoryLaw.fit_points([p for p in points if p.kind != kind], response)
+        except LawError:
+            continue
+        errors[kind] = others.recall_error([p for p in points if p.kind == kind])
+    return errors
+
+
 def plot(law: ParametricMemoryLaw, path: Path) -> None:
-    """Two panels: ΔL against rank (one curve per ℓ), and fact recall against predicted loss."""
+    """Two panels: the reduction against rank (one curve per ℓ group; points of several kinds
+    of facts fall near, not on, a grid ℓ), and fact recall against predicted loss."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,24 +257,35 @@ def plot(law: ParametricMemoryLaw, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     lengths = sorted({p.sequence_length for p in law.points})
+    if len(lengths) > 6:  # group by the nearest of 5 ℓ spread over the range (log scale)
+        lengths = sorted({int(x) for x in np.geomspace(lengths[0], lengths[-1], 5)})
+
+    def group(point):
+        return min(lengths, key=lambda ell: abs(math.log(point.sequence_length / ell)))
+
     ranks = np.geomspace(min(p.rank for p in law.points), max(p.rank for p in law.points), 50)
     for i, ell in enumerate(lengths):
         color = plt.cm.viridis(i / max(1, len(lengths) - 1))
-        pts = [p for p in law.points if p.sequence_length == ell]
+        pts = [p for p in law.points if group(p) == ell]
         for stopped, marker in ((False, "o"), (True, "^")):  # ^: MemFT stopped it, a lower bound
             some = [p for p in pts if p.stopped == stopped]
             left.scatter(
-                [p.rank for p in some], [p.loss_reduction for p in some], color=color, marker=marker
+                [p.rank for p in some],
+                [p.reduction(law.response) for p in some],
+                color=color,
+                marker=marker,
             )
-        left.plot(ranks, [law.loss_reduction(r, ell) for r in ranks], color=color, label=f"ℓ={ell}")
+        left.plot(ranks, [law.reduction(r, ell) for r in ranks], color=color, label=f"ℓ≈{ell}")
+    relative = law.response == "relative"
     left.set(
         xscale="log",
         xlabel="LoRA rank r",
-        ylabel="ΔL (nats/token)",
-        title=f"ΔL = C·r^α·ℓ^-β + b   (R² log = {law.fit.get('r2_log', float('nan')):.3f})",
+        ylabel="ΔL / L0" if relative else "ΔL (nats/token)",
+        title=f"{'ΔL/L0' if relative else 'ΔL'} = C·r^α·ℓ^-β + b   "
+        f"(R² log = {law.fit.get('r2_log', float('nan')):.3f})",
     )
-    l0 = float(np.mean([p.loss_before_nats for p in law.points]))
-    left.axhline(l0, color="grey", linestyle=":", label=f"mean L0 = {l0:.2f} (all learned)")
+    l0 = 1.0 if relative else float(np.mean([p.loss_before_nats for p in law.points]))
+    left.axhline(l0, color="grey", linestyle=":", label=f"{l0:.2f}: everything learned")
     left.scatter([], [], marker="^", color="grey", label="every fact recalled (lower bound)")
     left.legend(fontsize=8)
     predicted = [law.predict(p.rank, p.sequence_length, p.loss_before_nats)[0] for p in law.points]

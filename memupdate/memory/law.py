@@ -1,10 +1,15 @@
 """The Parametric Memory Law, fitted per base model and adapter family, and its inversion.
 
-    ΔL(r, ℓ) = C · r^α · ℓ^(−β) + b
+    ΔL(r, ℓ) = C · r^α · ℓ^(−β) + b                (response "absolute": the paper's form)
+    ΔL(r, ℓ) / L0 = C · r^α · ℓ^(−β) + b           (response "relative")
 
 ΔL is the loss reduction under a fixed training budget: mean cross-entropy (nats per target
-token) before training minus after. r is the LoRA rank (the adapter's parameter count is
-proportional to it for a fixed family), ℓ the total number of target tokens to be held.
+token) before training (L0) minus after. r is the LoRA rank (the adapter's parameter count is
+proportional to it for a fixed family), ℓ the total number of target tokens to be held. The
+relative response predicts the share of the base loss that training removes, so facts the base
+model finds surprising (a counterfactual update, L0 ≈ 7 nats) and facts it half knows (phone
+numbers, L0 ≈ 2.5) can share one law (bench/law_forms.py measures which response predicts a
+kind of fact it was not fitted on).
 
 A second fitted link maps the loss left after training to fact recall (share of facts whose
 every target token has p > 0.5), a log-logistic curve:
@@ -26,7 +31,10 @@ import numpy as np
 
 from memupdate.memory.adapter import RANK_LADDER
 
-FORM = "dL = C * r**alpha * ell**(-beta) + b; recall = 1 / (1 + (L_after / L50)**k)"
+FORMS = {
+    "absolute": "dL = C * r**alpha * ell**(-beta) + b; recall = 1 / (1 + (L_after / L50)**k)",
+    "relative": "dL / L0 = C * r**alpha * ell**(-beta) + b; recall = 1 / (1 + (L_after / L50)**k)",
+}
 # Recall 1.0 is the asymptote of the link; a request for 1.0 is planned as this value
 # (training itself still runs until every token passes).
 PLANNING_RECALL_CAP = 0.999
@@ -57,6 +65,7 @@ class LawPoint:
     steps: int = 0  # optimizer steps the training took (0: not recorded)
     facts: int = 0  # facts the ℓ target tokens came in
     locality: float | None = None  # token agreement with the base (memory/locality.py)
+    kind: str = ""  # the fact set the run trained on (calibration), e.g. "counterfactual"
 
     @property
     def stopped(self) -> bool:
@@ -66,6 +75,12 @@ class LawPoint:
     @property
     def loss_reduction(self) -> float:
         return self.loss_before_nats - self.loss_after_nats
+
+    def reduction(self, response: str) -> float:
+        """What the law's power term predicts for this point: ΔL, or ΔL / L0."""
+        if response == "relative":
+            return self.loss_reduction / self.loss_before_nats
+        return self.loss_reduction
 
 
 @dataclass
@@ -92,10 +107,19 @@ class ParametricMemoryLaw:
     points: list[LawPoint] = field(default_factory=list)
     fit: dict = field(default_factory=dict)  # r2_log, n_points, ...
     history: list[dict] = field(default_factory=list)
+    response: str = "absolute"  # what the power term predicts: ΔL, or ΔL / L0 ("relative")
 
     # --- prediction -------------------------------------------------------------------
-    def loss_reduction(self, rank: float, sequence_length: float) -> float:
-        return self.C * rank**self.alpha * sequence_length ** (-self.beta) + self.b
+    def reduction(self, rank: float, sequence_length: float) -> float:
+        """The power term: ΔL in nats (absolute), or the share of L0 removed (relative)."""
+        with np.errstate(over="ignore"):  # a wild fit (bench/law_forms.py) gives inf, not an error
+            power = np.power(float(rank), self.alpha) * np.power(float(sequence_length), -self.beta)
+        return float(self.C * power + self.b)
+
+    def loss_reduction(self, rank: float, sequence_length: float, loss_before: float) -> float:
+        """Predicted ΔL in nats for facts whose base loss is `loss_before`."""
+        scale = loss_before if self.response == "relative" else 1.0
+        return scale * self.reduction(rank, sequence_length)
 
     def recall_at_loss(self, loss_after: float) -> float:
         loss_after = max(loss_after, LOSS_FLOOR_NATS)
@@ -103,8 +127,17 @@ class ParametricMemoryLaw:
 
     def predict(self, rank: int, sequence_length: int, loss_before: float) -> tuple[float, float]:
         """(predicted loss after training, predicted fact recall)."""
-        after = max(loss_before - self.loss_reduction(rank, sequence_length), LOSS_FLOOR_NATS)
+        reduced = self.loss_reduction(rank, sequence_length, loss_before)
+        after = max(loss_before - reduced, LOSS_FLOOR_NATS)
         return after, self.recall_at_loss(after)
+
+    def recall_error(self, points: list[LawPoint]) -> float:
+        """Mean |predicted − achieved fact recall| over `points`, each at its own L0."""
+        errors = [
+            abs(self.predict(p.rank, p.sequence_length, p.loss_before_nats)[1] - p.fact_recall)
+            for p in points
+        ]
+        return float(np.mean(errors))
 
     def choose_rank(
         self,
@@ -161,7 +194,7 @@ class ParametricMemoryLaw:
         parameters; bench/rank_speed.py). Where rank matters, the largest."""
         ranks = sorted(r for r in candidates if max_rank is None or r <= max_rank)
         predicted = {r: self.predict(r, sequence_length, loss_before) for r in ranks}
-        reduction = {r: max(self.loss_reduction(r, sequence_length), 1e-9) for r in ranks}
+        reduction = {r: max(self.reduction(r, sequence_length), 1e-9) for r in ranks}
         best = max(reduction.values())
         rank = next(r for r in ranks if math.log(best / reduction[r]) <= self.flat_tolerance())
         after, recall = predicted[rank]
@@ -170,10 +203,14 @@ class ParametricMemoryLaw:
 
     # --- fitting ----------------------------------------------------------------------
     @classmethod
-    def fit_points(cls, points: list[LawPoint], **meta) -> "ParametricMemoryLaw":
-        power, r2 = _fit_power(points)
-        link = _fit_link(points)
-        law = cls(**power, **link, points=list(points), **meta)
+    def fit_points(
+        cls, points: list[LawPoint], response: str = "absolute", **meta
+    ) -> "ParametricMemoryLaw":
+        if response not in FORMS:
+            raise LawError(f"response must be one of {list(FORMS)}, got {response!r}")
+        power, r2 = _fit_power(points, response)
+        link = fit_link(points)
+        law = cls(**power, **link, points=list(points), response=response, **meta)
         law.fit = {"r2_log": r2, "n_points": len(points)}
         return law
 
@@ -182,6 +219,7 @@ class ParametricMemoryLaw:
         old = {k: getattr(self, k) for k in ("C", "alpha", "beta", "b", "L50", "k")}
         law = ParametricMemoryLaw.fit_points(
             [*self.points, point],
+            self.response,
             base_model=self.base_model,
             family=self.family,
             training=self.training,
@@ -195,7 +233,7 @@ class ParametricMemoryLaw:
     # --- storage ----------------------------------------------------------------------
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["form"] = FORM
+        data["form"] = FORMS[self.response]
         return data
 
     @classmethod
@@ -218,22 +256,23 @@ class ParametricMemoryLaw:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def log_errors(predicted, points: list[LawPoint]) -> np.ndarray:
-    """log predicted ΔL − log observed ΔL, censored: a run that recalled every fact was stopped
-    by MemFT there, so its ΔL is a lower bound and a prediction above it is no error."""
-    observed = np.array([p.loss_reduction for p in points], dtype=float)
+def log_errors(predicted, points: list[LawPoint], response: str = "absolute") -> np.ndarray:
+    """log predicted − log observed reduction (ΔL, or ΔL / L0), censored: a run that recalled
+    every fact was stopped by MemFT there, so its reduction is a lower bound and a prediction
+    above it is no error."""
+    observed = np.array([p.reduction(response) for p in points], dtype=float)
     stopped = np.array([p.stopped for p in points], dtype=bool)
     error = np.log(np.maximum(predicted, 1e-9)) - np.log(observed)
     return np.where(stopped & (error > 0), 0.0, error)
 
 
-def _fit_power(points: list[LawPoint]) -> tuple[dict, float]:
+def _fit_power(points: list[LawPoint], response: str) -> tuple[dict, float]:
     """Least squares in log space, censored (`log_errors`). For a grid of offsets b below the
     smallest ΔL, log(ΔL − b) is linear in (log r, log ℓ); start from the b whose fit predicts
     best, then polish all four constants on the censored errors."""
     if len(points) < 4:
         raise LawError(f"need at least 4 points to fit the law, got {len(points)}")
-    dl = np.array([p.loss_reduction for p in points])
+    dl = np.array([p.reduction(response) for p in points])
     if (dl <= 0).any():
         raise LawError("every calibration point needs a positive loss reduction")
     r = np.array([p.rank for p in points], dtype=float)
@@ -253,7 +292,7 @@ def _fit_power(points: list[LawPoint]) -> tuple[dict, float]:
         pred = np.exp(design @ coef) + b
         if (pred <= 0).any():
             continue
-        sse = float((log_errors(pred, points) ** 2).sum())
+        sse = float((log_errors(pred, points, response) ** 2).sum())
         if best is None or sse < best[0]:
             best = (sse, b, coef)
     _, b, coef = best
@@ -262,7 +301,7 @@ def _fit_power(points: list[LawPoint]) -> tuple[dict, float]:
     from scipy.optimize import least_squares
 
     def residuals(x):
-        return log_errors(np.exp(x[0]) * r ** x[1] * ell ** (-x[2]) + x[3], points)
+        return log_errors(np.exp(x[0]) * r ** x[1] * ell ** (-x[2]) + x[3], points, response)
 
     polished = least_squares(residuals, [coef[0], coef[1], coef[2], b])
     if (residuals(polished.x) ** 2).sum() < (residuals([*coef, b]) ** 2).sum():
@@ -278,7 +317,7 @@ def _fit_power(points: list[LawPoint]) -> tuple[dict, float]:
     }, r2
 
 
-def _fit_link(points: list[LawPoint]) -> dict:
+def fit_link(points: list[LawPoint]) -> dict:
     """Log-logistic recall(L) by grid search on squared error in recall space."""
     loss = np.maximum(np.array([p.loss_after_nats for p in points]), LOSS_FLOOR_NATS)
     recall = np.array([p.fact_recall for p in points])

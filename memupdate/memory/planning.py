@@ -21,7 +21,7 @@ from pathlib import Path
 from memupdate.home import home
 from memupdate.memory.adapter import RANK_LADDER, AdapterFamily, params_per_rank
 from memupdate.memory.base_model import ModelIdentity
-from memupdate.memory.calibration import budget_steps
+from memupdate.memory.calibration import MIN_TRAINING_STEPS, budget_steps
 from memupdate.memory.encoding import EncodedFact, sequence_length
 from memupdate.memory.law import LawError, LawPoint, ParametricMemoryLaw, UnreachableTarget
 from memupdate.memory.recall import measure_recall
@@ -41,6 +41,12 @@ class PlanReport:
     loss_before_nats: float
     law: str  # where the law came from, or why none was used
     candidates: dict[int, float] | None = None
+    budget_steps: int | None = None  # the law's training budget for this base, in steps
+
+    def training_steps(self, floor: int = MIN_TRAINING_STEPS) -> int:
+        """The step budget a training of this plan gets: the law's budget (the one it was
+        calibrated with, so it describes the job), at least `floor`."""
+        return max(floor, self.budget_steps or 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,6 +145,7 @@ def plan_update(
             loss_before,
             law_note,
             candidates,
+            budget_steps(law.training, len(facts)) if law else None,
         )
 
     largest = max(r for r in RANK_LADDER if r <= max_rank)

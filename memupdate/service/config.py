@@ -39,6 +39,8 @@ class ServiceConfig(BaseSettings):
     # call is refused with RESOURCE_EXHAUSTED, so watchers never starve status calls.
     max_watch_streams: int = Field(default=32, ge=1)
     max_concurrent_rpcs: int = Field(default=256, ge=1)
+    # Training step budget when a request gives none: the law's budget for the base (epochs over
+    # its facts), at least this many steps.
     default_max_steps: int = 2000
     # Train each new version from the live version's adapter (false: retrain the whole base
     # from a fresh adapter at every update, as the first builds did).

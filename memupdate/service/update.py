@@ -250,7 +250,7 @@ def run_update(
             rank=report.rank,
             family=rt.family,
             margin=request.margin or DEFAULT_MARGIN,
-            max_steps=request.max_steps or rt.default_max_steps,
+            max_steps=request.max_steps or report.training_steps(rt.default_max_steps),
             max_seconds=request.max_seconds or None,
         )
         last = [0.0]
