@@ -1,13 +1,14 @@
-"""Does rank carry information in the calibration points? Fits four forms of the law to a
-points.jsonl and prints R² (log ΔL) on all points and leave-one-out mean |Δ log ΔL|, both with
-the law's censored errors (a run that recalled every fact counts only if under-predicted):
+"""Which form of the law predicts best, and does rank carry information? Fits a points.jsonl
+in four forms, with the law's censored errors (a run that recalled every fact counts only if
+under-predicted), and prints R² (log reduction), the leave-one-out mean |Δ log reduction|, and,
+when the points span several kinds of facts, the mean |predicted − achieved fact recall| on each
+kind from a fit to the other kinds only (the law meeting a kind of fact it has never seen):
 
-    cd bench && ../.venv/bin/python law_forms.py [POINTS]   (default: the step-budget law's points)
+    cd bench && ../.venv/bin/python law_forms.py [POINTS]   (default: the default family's points)
 
-full:          ΔL = C·r^α·ℓ^−β + b      (the Parametric Memory Law)
-rank-free:     ΔL = C·ℓ^−β + b          (α fixed at 0)
-power:         ΔL = C·r^α·ℓ^−β          (b fixed at 0)
-rank-free pow: ΔL = C·ℓ^−β
+absolute:           ΔL = C·r^α·ℓ^−β + b         (the paper's form)
+relative:           ΔL / L0 = C·r^α·ℓ^−β + b    (the share of the base loss removed)
+... rank-free:      the same with α fixed at 0
 If dropping r costs nothing, the law's rank choice carries no information at that budget.
 """
 
@@ -18,63 +19,78 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from memupdate.memory.calibration import load_points
-from memupdate.memory.law import log_errors
+from memupdate.memory.law import ParametricMemoryLaw, fit_link, log_errors
 
-FORMS = {"full": (True, True), "rank-free": (False, True), "power": (True, False)}
-FORMS["rank-free pow"] = (False, False)
-
-
-def predict(x, r, ell, with_rank, with_offset):
-    log_c, alpha, beta, offset = x
-    return np.exp(log_c) * r ** (alpha if with_rank else 0) * ell**-beta + (
-        offset if with_offset else 0
-    )
+FORMS = {  # name -> (response, with rank)
+    "absolute": ("absolute", True),
+    "absolute rank-free": ("absolute", False),
+    "relative": ("relative", True),
+    "relative rank-free": ("relative", False),
+}
 
 
-def fit(points, with_rank, with_offset):
-    """Least squares on censored log ΔL errors from a few starting points; the best of them."""
-    r, ell, dl = arrays(points)
+def fit(points, response, with_rank) -> ParametricMemoryLaw:
+    """Least squares on censored log errors from a few starting points; the best of them, with
+    the law's recall link fitted to the same points."""
+    r, ell = arrays(points)
+    y = np.array([p.reduction(response) for p in points])
 
     def residuals(x):
-        return log_errors(predict(x, r, ell, with_rank, with_offset), points)
+        return log_errors(curve(x, r, ell, with_rank), points, response)
 
     best = None
-    for offset in [-100, -10, -1, 0, 0.3] if with_offset else [0.0]:
+    for offset in (-100, -10, -1, 0, 0.3 * y.min()):
         for beta in (0.01, 0.3, 1.0):
-            start = [np.log(max(dl.mean() - offset, 1e-3)) + beta * np.log(ell.mean()), 0.05]
+            start = [np.log(max(y.mean() - offset, 1e-3)) + beta * np.log(ell.mean()), 0.05]
             result = least_squares(residuals, [*start, beta, offset])
             if best is None or result.cost < best.cost:
                 best = result
-    return best.x
+    log_c, alpha, beta, b = best.x
+    return ParametricMemoryLaw(
+        C=float(np.exp(log_c)),
+        alpha=float(alpha if with_rank else 0.0),
+        beta=float(beta),
+        b=float(b),
+        response=response,
+        **fit_link(points),
+    )
+
+
+def curve(x, r, ell, with_rank):
+    log_c, alpha, beta, offset = x
+    return np.exp(log_c) * r ** (alpha if with_rank else 0) * ell**-beta + offset
 
 
 def arrays(points):
     r = np.array([p.rank for p in points], float)
-    ell = np.array([p.sequence_length for p in points], float)
-    return r, ell, np.array([p.loss_reduction for p in points])
+    return r, np.array([p.sequence_length for p in points], float)
 
 
 def main() -> None:
     default = Path(__file__).parents[1] / "docs/calibration/SmolLM2-135M-Instruct/points.jsonl"
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else default
     points = list(load_points(path).values())
-    r, ell, dl = arrays(points)
-    print(f"{len(points)} points from {path}")
-    for name, (with_rank, with_offset) in FORMS.items():
-        x = fit(points, with_rank, with_offset)
-        errors = log_errors(predict(x, r, ell, with_rank, with_offset), points)
-        log_dl = np.log(dl)
-        r2 = 1 - (errors**2).sum() / ((log_dl - log_dl.mean()) ** 2).sum()
+    kinds = sorted({p.kind for p in points})
+    print(f"{len(points)} points from {path}; kinds {kinds}")
+    header = "form                R² log  LOO |Δlog|  fact recall |Δ|"
+    print(header + "".join(f"  {k or '-'} unseen" for k in kinds if len(kinds) > 1))
+    for name, (response, with_rank) in FORMS.items():
+        law = fit(points, response, with_rank)
+        y = np.log([p.reduction(response) for p in points])
+        predicted = np.array([law.reduction(p.rank, p.sequence_length) for p in points])
+        errors = log_errors(predicted, points, response)
+        r2 = 1 - (errors**2).sum() / ((y - y.mean()) ** 2).sum()
         loo = []
-        for i in range(len(points)):
-            xi = fit(points[:i] + points[i + 1 :], with_rank, with_offset)
-            guess = predict(xi, r[i : i + 1], ell[i : i + 1], with_rank, with_offset)
-            loo.append(abs(log_errors(guess, points[i : i + 1])[0]))
-        alpha = x[1] if with_rank else 0.0
-        print(
-            f"{name:14s} R² (log ΔL) {r2:.3f}   leave-one-out mean |Δ log ΔL| {np.mean(loo):.3f}"
-            f"   α={alpha:.4f} β={x[2]:.4f}"
-        )
+        for i, held in enumerate(points):
+            partial = fit(points[:i] + points[i + 1 :], response, with_rank)
+            guess = np.array([partial.reduction(held.rank, held.sequence_length)])
+            loo.append(abs(log_errors(guess, [held], response)[0]))
+        row = f"{name:18s}  {r2:6.3f}  {np.mean(loo):10.3f}  {law.recall_error(points):15.3f}"
+        for kind in kinds if len(kinds) > 1 else []:
+            others = fit([p for p in points if p.kind != kind], response, with_rank)
+            error = others.recall_error([p for p in points if p.kind == kind])
+            row += f"  {error:>{len(kind) + 7}.3f}"
+        print(row + f"   α={law.alpha:.4f} β={law.beta:.4f}", flush=True)
 
 
 if __name__ == "__main__":

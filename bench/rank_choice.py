@@ -1,52 +1,58 @@
-"""Does the law's rank meet its promise? For each case (ℓ, target fact recall), on phonebook
-facts not used in calibration: the law's chosen rank, the oracle rank (the smallest ladder rank
-that reaches the target with the law's own training settings and budget), the fact recall
-achieved at the chosen rank, and bits memorised per adapter parameter.
+"""Does the law's rank meet its promise on facts it has not seen? For each case (kind of fact,
+ℓ, target fact recall), on seeded facts not used in calibration: the planner's rank (what a job
+would train), the oracle rank (the smallest ladder rank that reaches the target with the law's
+own family and budget), the fact recall achieved at the chosen rank against the law's
+prediction, and bits stored per adapter parameter at the oracle rank.
 
 The oracle search starts at the chosen rank and walks down while the target is still met, or up
 until it is; it assumes that a rank that misses the target is not beaten by a smaller one (each
-training at ℓ = 440 costs minutes here). `--full-sweep` trains every ladder rank from 1 up
+training at a large ℓ costs minutes here). `--full-sweep` trains every ladder rank from 1 up
 instead, the oracle's literal definition.
 
-    cd bench && ../.venv/bin/python rank_choice.py --law ../docs/calibration/<model-family>/law.json
+    cd bench && ../.venv/bin/python rank_choice.py --cases phonebook:200:1.0,counterfactual:800:0.9
+    (default law: the one the planner finds for the default model and family)
 """
+
+import math
 
 from common import parser, setup
 
-from memupdate.memory.adapter import RANK_LADDER, AdapterFamily, params_per_rank
-from memupdate.memory.calibration import budget_steps, phonebook_source
+from memupdate.memory.adapter import RANK_LADDER, AdapterFamily, default_family, params_per_rank
+from memupdate.memory.base_model import model_identity
+from memupdate.memory.calibration import budget_steps, fact_set_source
 from memupdate.memory.encoding import encode_facts, model_context_length
-from memupdate.memory.fact_sets import DIGIT_BITS
+from memupdate.memory.fact_sets import fact_bits
 from memupdate.memory.law import ParametricMemoryLaw, UnreachableTarget
 from memupdate.memory.locality import retain_set
 from memupdate.memory.memft import TrainSettings, train_adapter
+from memupdate.memory.planning import find_law
 from memupdate.memory.recall import measure_recall
 
-CASES = [(110, 1.0), (220, 0.9), (330, 0.5), (330, 1.0), (440, 0.9), (660, 0.8)]
+CASES = (
+    "phonebook:150:1.0,phonebook:600:0.9,phonebook:1500:1.0,phonebook:3000:0.9,"
+    "biography:150:1.0,biography:600:1.0,biography:1500:0.9,biography:3000:0.9,"
+    "counterfactual:150:1.0,counterfactual:600:0.9,counterfactual:1500:1.0,counterfactual:3000:0.9"
+)
 FRESH_SEED = 1000  # calibration used seeds 0..; these facts are new to the law
 
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--law", required=True)
-    p.add_argument("--max-rank", type=int, default=16)
+    p.add_argument("--law", help="law.json (default: the planner's law for the default family)")
+    p.add_argument("--max-rank", type=int, default=64)
     p.add_argument("--full-sweep", action="store_true", help="train every rank from 1 up")
-    p.add_argument(
-        "--first-seed",
-        type=int,
-        default=FRESH_SEED,
-        help="phonebook seed of the first case (case i uses first + i); to split cases over runs",
-    )
-    p.add_argument(
-        "--cases",
-        default=",".join(f"{ell}:{t}" for ell, t in CASES),
-        help="ℓ:target fact recall pairs, comma-separated",
-    )
+    p.add_argument("--first-seed", type=int, default=FRESH_SEED, help="case i uses seed first+i")
+    p.add_argument("--cases", default=CASES, help="kind:ℓ:target fact recall, comma-separated")
     args = p.parse_args()
-    _, load = setup(args)
-    law = ParametricMemoryLaw.load(args.law)
-    family = AdapterFamily.from_dict(law.family)
+    folder, load = setup(args)
     model, tok = load()
+    if args.law:
+        law, where = ParametricMemoryLaw.load(args.law), args.law
+    else:
+        law, where = find_law(
+            model_identity(folder), default_family(model.config.num_hidden_layers)
+        )
+    family = AdapterFamily.from_dict(law.family)
     context = model_context_length(model)
     per_rank = params_per_rank(model, family)
     ladder = [r for r in RANK_LADDER if r <= args.max_rank]
@@ -64,6 +70,7 @@ def main() -> None:
             TrainSettings(rank=rank, family=family, max_steps=steps),
             retain=retain_set(m, t, family),
         )
+        print(f"    rank {rank}: fact recall {res.recall.fact_recall:.3f} in {res.seconds:.0f} s")
         return res.recall.fact_recall
 
     def find_oracle(facts, target, start, results):
@@ -83,42 +90,52 @@ def main() -> None:
             return ladder[i]
         return next((r for r in ladder[i + 1 :] if met(r)), None)
 
-    rows = []
     budget = {k: law.training[k] for k in ("steps", "epochs") if law.training.get(k)}
-    print(f"law: alpha={law.alpha:.3f} beta={law.beta:.3f} budget={budget}; ladder {ladder}")
-    print(f"{'ℓ':>5} {'target':>6} {'chosen':>6} {'oracle':>6} {'achieved':>8} {'bits/param':>10}")
-    cases = [(int(c.split(":")[0]), float(c.split(":")[1])) for c in args.cases.split(",")]
-    for case, (ell, target) in enumerate(cases):
-        facts = phonebook_source(encode, args.first_seed + case, ell)
+    print(f"law {where}: response {law.response}, alpha={law.alpha:.3f} beta={law.beta:.3f}")
+    print(f"budget {budget}; ladder {ladder}")
+    rows = []
+    for case, text in enumerate(args.cases.split(",")):
+        kind, ell, target = text.split(":")
+        ell, target = int(ell), float(target)
+        facts = fact_set_source(encode, kind, args.first_seed + case, ell)
+        ell = sum(len(f.target_ids) for f in facts)
         loss_before = measure_recall(model, facts, tok.pad_token_id).mean_loss_nats
         try:
             chosen = law.choose_rank(ell, target, loss_before, max_rank=args.max_rank).rank
+            fallback = ""
         except UnreachableTarget:  # what the planner does (planning.plan_update)
             chosen = law.best_effort_rank(ell, loss_before, max_rank=args.max_rank).rank
-            print(f"  (law: no rank reaches {target} at ℓ={ell}; planner takes rank {chosen})")
+            fallback = " (law: no rank reaches it; best effort)"
+        predicted = law.predict(chosen, ell, loss_before)[1]
+        print(f"{kind} ℓ={ell} target {target}: chosen rank {chosen}{fallback}", flush=True)
         results: dict[int, float] = {}
         oracle = find_oracle(facts, target, chosen, results)
         if chosen not in results:
             results[chosen] = fact_recall(facts, chosen)
-        achieved = results[chosen]
-        digits = sum(len(f.target_ids) - 1 for f in facts)  # target = space + digits
-        per_param = achieved * digits * DIGIT_BITS / (chosen * per_rank)
-        rows.append((ell, target, chosen, oracle, achieved, per_param))
+        fact_count = sum(1 for f in facts if f.form == "prompt")
+        bits = (
+            results[oracle] * fact_count * fact_bits(kind) / (oracle * per_rank)
+            if oracle
+            else math.nan
+        )
+        rows.append((kind, ell, target, chosen, oracle, predicted, results[chosen], bits))
         print(
-            f"{ell:>5} {target:>6} {chosen!s:>6} {oracle!s:>6} {achieved:>8.3f} {per_param:>10.4f}",
+            f"| {kind} | {ell} | {target} | {chosen} | {oracle} | {predicted:.3f} | "
+            f"{results[chosen]:.3f} | {bits:.3f} |",
             flush=True,
         )
 
-    ok = sum(1 for r in rows if r[4] >= r[1])
-
-    def steps_apart(a, b):
-        return abs(ladder.index(a) - ladder.index(b))
-
-    near = sum(1 for r in rows if r[3] and steps_apart(r[2], r[3]) <= 1 and r[2] >= r[3])
+    print("columns: | kind | ℓ | target | chosen | oracle | predicted | achieved | bits/param |")
+    met = sum(1 for r in rows if r[6] >= r[2])
+    near = sum(
+        1 for r in rows if r[4] and r[3] >= r[4] and ladder.index(r[3]) - ladder.index(r[4]) <= 1
+    )
+    error = sum(abs(r[5] - r[6]) for r in rows) / len(rows)
     print(
-        f"totals: {len(rows)} cases; target met one-shot at the chosen rank in {ok}; chosen "
-        f"rank equal to the oracle or one ladder step above in {near}; oracle not reached "
-        f"within rank {args.max_rank} in {sum(1 for r in rows if r[3] is None)}"
+        f"totals: {len(rows)} cases; target met one-shot at the chosen rank in {met} "
+        f"({met / len(rows):.0%}); chosen rank the oracle or one ladder step above in {near} "
+        f"({near / len(rows):.0%}); mean |predicted − achieved fact recall| {error:.3f}; "
+        f"oracle beyond rank {args.max_rank} in {sum(1 for r in rows if r[4] is None)}"
     )
 
 
