@@ -120,7 +120,8 @@ def _watch(client: MemupdateClient, job_id: str) -> pb.Job:
             )
             line += (
                 f" ℓ={pl.sequence_length_tokens} tokens, rank {pl.rank} "
-                f"({pl.adapter_parameters:,} parameters), {predicted}"
+                f"({pl.adapter_parameters:,} parameters), {predicted}, "
+                f"at most {pl.training_steps} steps"
             )
         if event.HasField("recall"):
             line += f" {_recall(event.recall)}"
@@ -215,7 +216,8 @@ def _run(client: MemupdateClient, args) -> int:
             f"({pl.replaced_facts} replaced); rank {pl.rank} ({pl.adapter_parameters:,} "
             f"parameters); predicted fact recall "
             f"{'n/a' if pl.predicted_fact_recall < 0 else f'{pl.predicted_fact_recall:.3f}'};"
-            f" est. {pl.estimated_train_seconds:.0f} s; law: {pl.law}"
+            f" at most {pl.training_steps} training steps, est. "
+            f"{pl.estimated_train_seconds:.0f} s; law: {pl.law}"
         )
         return 0
     if args.command == "status":

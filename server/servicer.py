@@ -72,6 +72,7 @@ def plan_pb(data: dict | None, replaced: int = 0, estimate_s: float = 0.0) -> pb
         law=data["law"],
         replaced_facts=replaced,
         estimated_train_seconds=estimate_s,
+        training_steps=data.get("training_steps", 0),
     )
 
 

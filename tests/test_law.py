@@ -235,9 +235,9 @@ def test_a_training_gets_at_least_the_law_budget(tiny):
         )
 
     small, large = plan(40), plan(300)
-    assert small.budget_steps == 150 * 3 and small.training_steps() == MIN_TRAINING_STEPS
-    assert large.budget_steps == 150 * 19 == large.training_steps()
-    assert large.to_dict()["budget_steps"] == 2850
+    assert small.budget_steps == 150 * 3 and small.budgeted().training_steps == MIN_TRAINING_STEPS
+    assert large.budget_steps == 150 * 19 == large.budgeted().training_steps
+    assert large.budgeted(requested=7).to_dict()["training_steps"] == 7
 
 
 def test_a_law_flat_in_rank_falls_back_to_the_smallest_rank():

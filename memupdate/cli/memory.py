@@ -60,7 +60,7 @@ def cmd_plan(args) -> int:
     base = Base(args.model)
     facts = base.encode(args.facts, args.max_facts)
     family = base.family(args)
-    report = base.plan(facts, family, args)
+    report = base.plan(facts, family, args).budgeted()
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
@@ -76,6 +76,7 @@ def cmd_plan(args) -> int:
     print(f"adapter parameters:      {report.adapter_params:,}")
     print(f"target fact recall:      {report.target_recall}")
     print(f"predicted fact recall:   {predicted}")
+    print(f"training budget:         {report.training_steps} steps")
     print(f"law:                     {report.law}")
     return 0
 
@@ -92,7 +93,7 @@ def cmd_train(args) -> int:
         plan = base.plan(facts, family, args)
         print(f"law chose rank {plan.rank} for ℓ={plan.sequence_length} ({plan.law})")
     rank = args.rank or plan.rank
-    max_steps = args.max_steps or (plan.training_steps() if plan else MIN_TRAINING_STEPS)
+    max_steps = args.max_steps or (plan.budgeted().training_steps if plan else MIN_TRAINING_STEPS)
     settings = TrainSettings(
         rank=rank,
         family=family,

@@ -30,7 +30,7 @@ from memupdate.memory.memft import Progress, TrainSettings, train_adapter
 # The fewest steps an epoch budget allows. A knowledge base of a few facts fills one batch, so
 # E epochs would be E steps, far fewer than MemFT needs to reach a fact: small bases get this
 # floor (MemFT stops as soon as every token passes, so it costs nothing once they are learned).
-# Jobs get the same budget (planning.PlanReport.training_steps), so the law describes them.
+# Jobs get the same budget (planning.PlanReport.budgeted), so the law describes them.
 MIN_TRAINING_STEPS = 2000
 
 

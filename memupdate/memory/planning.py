@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -42,11 +42,13 @@ class PlanReport:
     law: str  # where the law came from, or why none was used
     candidates: dict[int, float] | None = None
     budget_steps: int | None = None  # the law's training budget for this base, in steps
+    training_steps: int = 0  # the step budget the training gets (see `budgeted`)
 
-    def training_steps(self, floor: int = MIN_TRAINING_STEPS) -> int:
-        """The step budget a training of this plan gets: the law's budget (the one it was
-        calibrated with, so it describes the job), at least `floor`."""
-        return max(floor, self.budget_steps or 0)
+    def budgeted(self, floor: int = MIN_TRAINING_STEPS, requested: int = 0) -> "PlanReport":
+        """This plan with its training's step budget: `requested`, else the law's budget for
+        the base (the one it was calibrated with, so it describes the training), at least
+        `floor`."""
+        return replace(self, training_steps=requested or max(floor, self.budget_steps or 0))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -132,7 +132,7 @@ def _plan_encoded(rt: Runtime, encoded: list[EncodedFact], request: UpdateReques
             law=f"rank override {rank}",
             adapter_params=rank * params_per_rank(rt.model, rt.family),
         )
-    return report
+    return report.budgeted(rt.default_max_steps, request.max_steps)
 
 
 def plan(rt: Runtime, request: UpdateRequest) -> tuple[PlanReport, int]:
@@ -250,7 +250,7 @@ def run_update(
             rank=report.rank,
             family=rt.family,
             margin=request.margin or DEFAULT_MARGIN,
-            max_steps=request.max_steps or report.training_steps(rt.default_max_steps),
+            max_steps=report.training_steps,
             max_seconds=request.max_seconds or None,
         )
         last = [0.0]

@@ -67,7 +67,7 @@ class PlanUpdateRequest(_message.Message):
     def __init__(self, knowledge_base: _Optional[str] = ..., facts: _Optional[_Iterable[_Union[Fact, _Mapping]]] = ..., target_fact_recall: _Optional[float] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("sequence_length_tokens", "facts", "rank", "adapter_parameters", "predicted_fact_recall", "loss_before_nats_per_token", "law", "replaced_facts", "estimated_train_seconds")
+    __slots__ = ("sequence_length_tokens", "facts", "rank", "adapter_parameters", "predicted_fact_recall", "loss_before_nats_per_token", "law", "replaced_facts", "estimated_train_seconds", "training_steps")
     SEQUENCE_LENGTH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FACTS_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class Plan(_message.Message):
     LAW_FIELD_NUMBER: _ClassVar[int]
     REPLACED_FACTS_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_STEPS_FIELD_NUMBER: _ClassVar[int]
     sequence_length_tokens: int
     facts: int
     rank: int
@@ -86,7 +87,8 @@ class Plan(_message.Message):
     law: str
     replaced_facts: int
     estimated_train_seconds: float
-    def __init__(self, sequence_length_tokens: _Optional[int] = ..., facts: _Optional[int] = ..., rank: _Optional[int] = ..., adapter_parameters: _Optional[int] = ..., predicted_fact_recall: _Optional[float] = ..., loss_before_nats_per_token: _Optional[float] = ..., law: _Optional[str] = ..., replaced_facts: _Optional[int] = ..., estimated_train_seconds: _Optional[float] = ...) -> None: ...
+    training_steps: int
+    def __init__(self, sequence_length_tokens: _Optional[int] = ..., facts: _Optional[int] = ..., rank: _Optional[int] = ..., adapter_parameters: _Optional[int] = ..., predicted_fact_recall: _Optional[float] = ..., loss_before_nats_per_token: _Optional[float] = ..., law: _Optional[str] = ..., replaced_facts: _Optional[int] = ..., estimated_train_seconds: _Optional[float] = ..., training_steps: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("job_id", "knowledge_base", "state", "phase", "message", "plan", "version", "training_recall", "serving_recall", "created_unix_seconds", "updated_unix_seconds", "attempts")
