@@ -223,3 +223,19 @@ def test_restart_mid_queue_loses_no_job(tiny_dir, tmp_path):
                 assert client.wait(job_id, 300).state == pb.FAILED  # no vLLM: never live
     finally:
         again.stop()
+
+
+def test_the_plan_says_how_many_steps_the_training_gets(service, tmp_path, capsys):
+    """The tiny model has no law, so a training gets the server's floor; a request's own
+    max_steps is what its job runs."""
+    from clients.cli import main as cli_main
+    from memupdate.memory.facts import write_facts
+
+    write_facts(phonebook_facts(3, seed=9), tmp_path / "f.jsonl")
+    server = ["--server", f"127.0.0.1:{service.port}"]
+    assert cli_main([*server, "plan", "steps", str(tmp_path / "f.jsonl")]) == 0
+    assert "at most 2000 training steps" in capsys.readouterr().out
+    with service.client() as client:
+        job = client.submit("steps", facts(), max_steps=77)
+        planned = next(e for e in client.watch(job.job_id) if e.kind == "planned")
+    assert planned.plan.training_steps == 77
