@@ -155,6 +155,7 @@ def test_calibrate_over_several_kinds_of_facts(tiny_dir, tmp_path, monkeypatch, 
     part += ["--kinds", "phonebook", "--min-steps", "0", "--out", str(out), "--quiet"]
     assert main([*part, "--epochs", "2", "--fit-all"]) == 0
     law = ParametricMemoryLaw.load(out / "law.json")
+    assert law.training["facts"] == "phonebook,counterfactual"  # the folder's kinds, not the part's
     assert law.fit["n_points"] == 10 and {p.sequence_length >= 90 for p in law.points} == {
         True,
         False,

@@ -295,14 +295,16 @@ def cmd_calibrate(args) -> int:
     )
     steps.close()
     bar.close()
-    if args.fit_all:
+    training = grid.training()
+    if args.fit_all:  # the law holds for the kinds its points came from, not this part's alone
         points = folder_points(out, grid)
+        training["facts"] = ",".join(dict.fromkeys(p.kind for p in points))
     law = fit_with_holdout(
         points,
         args.response,
         base_model=base.identity.to_dict(),
         family=family.to_dict(),
-        training=grid.training(),
+        training=training,
     )
     law.save(out / "law.json")
     plot(law, out / "law.png")
