@@ -20,7 +20,7 @@ from common import parser, setup
 from memupdate.memory.adapter import RANK_LADDER, AdapterFamily, default_family, params_per_rank
 from memupdate.memory.base_model import model_identity
 from memupdate.memory.calibration import budget_steps, fact_set_source
-from memupdate.memory.encoding import encode_facts, model_context_length
+from memupdate.memory.encoding import encode_facts, model_context_length, sequence_length
 from memupdate.memory.fact_sets import fact_bits
 from memupdate.memory.law import ParametricMemoryLaw, UnreachableTarget
 from memupdate.memory.locality import retain_set
@@ -98,7 +98,7 @@ def main() -> None:
         kind, ell, target = text.split(":")
         ell, target = int(ell), float(target)
         facts = fact_set_source(encode, kind, args.first_seed + case, ell)
-        ell = sum(len(f.target_ids) for f in facts)
+        ell = sequence_length(facts)
         loss_before = measure_recall(model, facts, tok.pad_token_id).mean_loss_nats
         try:
             chosen = law.choose_rank(ell, target, loss_before, max_rank=args.max_rank).rank
