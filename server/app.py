@@ -12,14 +12,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from memupdate.memory.adapter import choose_family
-from memupdate.memory.base_model import load_model, model_identity, resolve_model_dir
+from memupdate.database import redact
+from memupdate.memory.base_model import resolve_model_dir
 from memupdate.memory.locality import prepare as prepare_locality
 from memupdate.service.config import ServiceConfig
-from memupdate.service.jobs import JobStore
 from memupdate.service.metrics import REPLICA_UP, register_collectors, unregister_collectors
 from memupdate.service.monitor import MonitorSettings, RecallMonitor
-from memupdate.service.update import Runtime
+from memupdate.service.runtime import load_runtime, open_job_store, open_registry
 from memupdate.service.worker import Worker
 from memupdate.serving.backends import ExternalBackend, ManagedBackend, ServingBackend, restore_live
 from memupdate.serving.registry import Registry
@@ -38,7 +37,7 @@ class Service:
     config: ServiceConfig
     grpc_server: grpc.Server
     grpc_port: int
-    worker: Worker
+    workers: list[Worker]
     monitor: RecallMonitor
     backend: ServingBackend
     health: health.HealthServicer
@@ -48,7 +47,8 @@ class Service:
     def stop(self) -> None:
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace=5).wait()
-        self.worker.stop()
+        for worker in self.workers:
+            worker.stop()
         self.monitor.stop()
         self.metrics_server.shutdown()
         unregister_collectors(self.collectors)
@@ -105,61 +105,34 @@ def bind_ports(config: ServiceConfig) -> tuple[grpc.Server, int, object]:
 
 def start(config: ServiceConfig) -> Service:
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    store = JobStore(config.data_dir / "jobs.db")
-    retried = store.recover_interrupted()
-    if retried:
-        log.warning(
-            "requeued %d job(s) interrupted by the last shutdown: %s",
-            len(retried),
-            ", ".join(retried),
-        )
-    registry = Registry(config.data_dir / "registry")
-    registry.sweep()  # half-published versions from a crash are never listed; remove them
+    store = open_job_store(config)
+    registry = open_registry(config)
     folder = resolve_model_dir(config.model)
-    identity = model_identity(folder)
     server, port, metrics_server = bind_ports(config)
     try:
-        return _start_on(config, store, registry, folder, identity, server, port, metrics_server)
+        return _start_on(config, store, registry, folder, server, port, metrics_server)
     except BaseException:
         metrics_server.shutdown()
         server.stop(None)
         raise
 
 
-def _start_on(config, store, registry, folder, identity, server, port, metrics_server) -> Service:
+def _start_on(config, store, registry, folder, server, port, metrics_server) -> Service:
     """Load the models, start vLLM (or reach the replicas), wire the servicer and start."""
-
-    def runtime(backend) -> Runtime:
-        model, tokenizer = load_model(folder)
-        return Runtime(
-            folder,
-            identity,
-            model,
-            tokenizer,
-            choose_family(
-                model.config.num_hidden_layers,
-                tuple(config.adapter_modules) or None,
-                learning_rate=config.adapter_learning_rate,
-                locality_weight=config.adapter_locality_weight,
-            ),
-            registry,
-            backend,
-            default_max_steps=config.default_max_steps,
-            warm_start=config.warm_start,
-            max_facts=config.max_facts_per_update,
-            serving_wait_s=config.serving_wait_s,
-        )
-
     backend = build_backend(config, folder, registry)
-    worker_rt, plan_rt = runtime(backend), runtime(backend)
-    prepare_locality(worker_rt.model, worker_rt.tokenizer, worker_rt.family)
+    plan_rt = load_runtime(config, registry, backend)
+    workers = [
+        Worker(store, load_runtime(config, registry, backend), lease_s=config.lease_s)
+        for _ in range(config.workers)
+    ]
+    for worker in workers:
+        prepare_locality(worker.runtime.model, worker.runtime.tokenizer, worker.runtime.family)
     threading.Thread(
         target=ask_base_locality,
         args=(backend.replicas(), plan_rt.tokenizer),
         name="base-locality",
         daemon=True,
     ).start()
-    worker = Worker(store, worker_rt)
     monitor = RecallMonitor(
         registry,
         backend,
@@ -175,8 +148,11 @@ def _start_on(config, store, registry, folder, identity, server, port, metrics_s
     for client in backend.replicas():
         REPLICA_UP.labels(client.url).set(float(client.healthy()))
 
+    # Without a local worker the servicer's registry, backend and estimates come from the
+    # planning runtime (training-time estimates stay unknown: the trainings run elsewhere).
+    train_rt = workers[0].runtime if workers else plan_rt
     memupdate_pb2_grpc.add_KnowledgeUpdateServicer_to_server(
-        Servicer(store, worker_rt, plan_rt, monitor, config), server
+        Servicer(store, train_rt, plan_rt, monitor, config), server
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -185,13 +161,14 @@ def _start_on(config, store, registry, folder, identity, server, port, metrics_s
     )
     collectors = register_collectors(registry, store)
     server.start()
-    worker.start()
+    for worker in workers:
+        worker.start()
     if config.probe_interval_s > 0:
         monitor.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return Service(
-        config, server, port, worker, monitor, backend, health_servicer, metrics_server, collectors
+        config, server, port, workers, monitor, backend, health_servicer, metrics_server, collectors
     )
 
 
@@ -204,6 +181,10 @@ def serve(config: ServiceConfig) -> None:
     print(f"metrics on http://{config.grpc_host}:{config.metrics_port}/metrics", flush=True)
     print(f"vLLM (OpenAI API) on {vllm}", flush=True)
     print(f"data in {config.data_dir}", flush=True)
+    if config.database_url:
+        print(f"jobs and registry index in Postgres at {redact(config.database_url)}", flush=True)
+    if not config.workers:
+        print("no local worker: `memupdate worker` processes take the jobs", flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())

@@ -398,11 +398,14 @@ class Servicer(pb_grpc.KnowledgeUpdateServicer):
 
     def DeleteKnowledgeBase(self, request, context):
         self._kb_or_404(request.knowledge_base, context)
+        kb = request.knowledge_base
         for client in self.rt.backend.replicas():
-            try:
-                client.unload_adapter(request.knowledge_base)
+            try:  # its name and any version name (`kb@vN`) a replica resolved or staged
+                for name in client.served_adapters():
+                    if name == kb or name.startswith(f"{kb}@v"):
+                        client.unload_adapter(name)
             except ServingError:
-                pass  # not loaded there
+                pass  # down: once back, its resolver finds no such base any more
         self.rt.registry.delete(request.knowledge_base)
         forget_knowledge_base(request.knowledge_base)
         log.info("deleted knowledge base %s at %s", request.knowledge_base, time.time())

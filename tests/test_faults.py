@@ -69,10 +69,10 @@ def test_worker_survives_a_job_database_error_and_takes_the_job_after_it(tmp_pat
     from memupdate.service.worker import Worker
 
     store = JobStore(tmp_path / "jobs.sqlite")
-    with sqlite3.connect(store.path) as db:  # fold the WAL in, so the main file holds it all
+    with sqlite3.connect(store.db.where) as db:  # fold the WAL in, so the main file holds it all
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    whole = store.path.read_bytes()
-    store.path.write_bytes(b"this is not a database" * 200)
+    whole = store.db.where.read_bytes()
+    store.db.where.write_bytes(b"this is not a database" * 200)
 
     class RecordingWorker(Worker):  # training is not what this test is about
         def run_job(self, job):
@@ -83,7 +83,7 @@ def test_worker_survives_a_job_database_error_and_takes_the_job_after_it(tmp_pat
     try:
         wait_for(lambda: "job database error" in caplog.text, 10, "the worker to log the error")
         assert worker.is_alive()
-        store.path.write_bytes(whole)
+        store.db.where.write_bytes(whole)
         job, _ = store.create("kb", {"facts": []}, None, max_queued=10)
         wait_for(lambda: store.get(job.id).state == LIVE, 10, "the worker to take the job")
         assert worker.is_alive()
@@ -326,13 +326,17 @@ def test_sigkill_in_training_publish_and_serving_check_loses_nothing(tiny_dir, t
             wait_for(lambda: phase_reached(client, job_id, "published", 3), 300, "publish")
         proc.kill()  # 3: during the serving check of version 2
 
-        proc = start(MEMUPDATE_FAULT_PAUSE="publish:30")  # as above: v3 waits for the check
+        proc = start(MEMUPDATE_FAULT_PAUSE="publish:30")  # as above
         still_serving_first_version(proc)  # v2 is listed, never verified, never live
         with proc.client() as client:
             assert [v.version for v in client.describe("crash").versions] == [1, 2]
-            final = client.wait(job_id, 600)  # the fourth attempt goes all the way
+            # The fourth attempt finds the v2 its third one published, and checks that instead
+            # of training again: one job, one version.
+            final = client.wait(job_id, 600)
             assert final.state == pb.LIVE and final.attempts == 4, final.message
-            assert client.describe("crash").live_version == 3
+            assert "resumed" in [e.kind for e in client.watch(job_id)]
+            kb = client.describe("crash")
+            assert kb.live_version == 2 and [v.version for v in kb.versions] == [1, 2]
             assert {j.state for j in client.jobs(knowledge_base="crash")} == {pb.LIVE}
         for prompt, target in [*FIRST, *SECOND]:
             assert ask(proc.vllm_url, "crash", prompt).startswith(target)

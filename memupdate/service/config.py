@@ -53,7 +53,18 @@ class ServiceConfig(BaseSettings):
     adapter_locality_weight: float | None = Field(default=None, ge=0)
     # How long a job waits for unreachable vLLM replicas (retrying with backoff) before failing.
     serving_wait_s: float = Field(default=300.0, ge=0)
-    workers: int = 1  # trainings at a time (each worker holds its own copy of the model)
+    # Training workers inside `memupdate serve` (each holds its own copy of the model); 0 when
+    # `memupdate worker` processes on other hosts take the jobs.
+    workers: int = Field(default=1, ge=0, le=16)
+    # Postgres (postgresql://user:pass@host/db) for the job store and the registry's index,
+    # shared by servers and workers on many hosts; empty = SQLite files in data_dir.
+    database_url: str = ""
+    # The adapter registry's folder: a volume every host mounts when workers run elsewhere.
+    # Empty = data_dir/registry.
+    registry_dir: Path | None = None
+    # A worker holds each job under a lease this long, renewed every third of it; a worker
+    # that dies is replaced on its job once the lease runs out.
+    lease_s: float = Field(default=60.0, ge=3)
     # Recall monitor: seconds between probe rounds (0 = on demand only), facts per probe (the
     # cost bound), of those decoded greedily, and the drop below go-live recall that regresses.
     probe_interval_s: float = Field(default=300.0, ge=0)
@@ -68,6 +79,14 @@ class ServiceConfig(BaseSettings):
         if bad:
             raise ValueError(f"auth token roles must be 'writer' or 'reader', got {sorted(bad)}")
         return tokens
+
+    @field_validator("database_url")
+    @classmethod
+    def _database(cls, url: str) -> str:
+        if url and not url.startswith(("postgresql://", "postgres://")):
+            scheme = url.partition(":")[0]
+            raise ValueError(f"database_url must be a postgresql:// URL, not {scheme!r}")
+        return url
 
     @field_validator("vllm_urls", mode="before")
     @classmethod

@@ -1,26 +1,32 @@
-"""Durable jobs: every update request, its state and its event history, in SQLite (WAL).
+"""Durable jobs: every update request, its state and its event history, in the job database
+(SQLite in the data directory, or Postgres shared by servers and workers on many hosts).
 
 A job is QUEUED, then RUNNING, then ends LIVE, FAILED or CANCELLED. Events are appended with a
-per-job sequence number, so a watcher that reconnects resumes where it left off. On start-up,
-jobs found RUNNING were interrupted by a crash: they go back to QUEUED and are retried from the
-beginning (training is deterministic and a half-published version is never listed), with their
-attempt count kept.
+per-job sequence number, so a watcher that reconnects resumes where it left off.
+
+A worker claims a job under a lease (Postgres: `SELECT ... FOR UPDATE SKIP LOCKED`, so workers
+never wait on each other's claims) and renews it while it runs. A worker that dies stops
+renewing; when its lease runs out another worker claims the job and runs it from the beginning
+(training is deterministic; a published version of the job is reused, see service.update). A
+job's end is written only by the worker that holds its lease, so a worker that lost its lease
+cannot end a job someone else now runs. A job whose workers died MAX_ATTEMPTS times fails.
+With SQLite (one host, the server's own worker), jobs found RUNNING at start-up were
+interrupted by a crash and go back to the queue at once.
 """
 
 import json
-import sqlite3
 import threading
 import time
 import uuid
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from memupdate.database import check_database, connect
+from memupdate.database import Database
 from memupdate.service.metrics import JOB_TRANSITIONS
 
 QUEUED, RUNNING, LIVE, FAILED, CANCELLED = "QUEUED", "RUNNING", "LIVE", "FAILED", "CANCELLED"
 ENDED = (LIVE, FAILED, CANCELLED)
+MAX_ATTEMPTS = 3  # claims of a job whose worker died each time (out of memory?) before it fails
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -34,19 +40,27 @@ CREATE TABLE IF NOT EXISTS jobs (
     idempotency_key TEXT UNIQUE,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    created_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    lease_owner TEXT,
+    lease_expires_at DOUBLE PRECISION
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at);
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
     kind TEXT NOT NULL,
-    at REAL NOT NULL,
+    at DOUBLE PRECISION NOT NULL,
     data TEXT NOT NULL,
     PRIMARY KEY (job_id, seq)
 );
 """
+# Added after the first release: databases made before them get them at start-up.
+LEASE_COLUMNS = {"lease_owner": "TEXT", "lease_expires_at": "DOUBLE PRECISION"}
+COLUMNS = (
+    "id, kb, state, phase, message, request, result, idempotency_key, cancel_requested, "
+    "attempts, created_at, updated_at, lease_owner"
+)
 
 
 class JobStoreError(RuntimeError):
@@ -67,6 +81,7 @@ class JobRecord:
     attempts: int
     created_at: float
     updated_at: float
+    lease_owner: str | None = None
 
 
 @dataclass
@@ -79,18 +94,20 @@ class Event:
 
 
 class JobStore:
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.changed = threading.Condition()  # notified on every new event
-        check_database(self.path, SCHEMA, "job database", JobStoreError)
+    """`where`: the SQLite file, or a postgresql:// URL."""
 
-    def _connect(self) -> sqlite3.Connection:
-        return connect(self.path, timeout_s=10)
+    def __init__(self, where: Path | str):
+        self.changed = threading.Condition()  # notified on every event added by this process
+        if not str(where).startswith("postgres"):
+            Path(where).parent.mkdir(parents=True, exist_ok=True)
+        self.db = Database(where, SCHEMA, "job database", JobStoreError)
+        self.db.add_missing_columns("jobs", LEASE_COLUMNS)
+        # Lease times come from the database's clock: workers on hosts whose clocks disagree
+        # still agree on when a lease ran out.
+        self.now = "extract(epoch from clock_timestamp())" if self.db.postgres else "?"
 
-    def _query(self, sql: str, args=()) -> list[tuple]:
-        with closing(self._connect()) as db:
-            return db.execute(sql, args).fetchall()
+    def _now_args(self) -> tuple:
+        return () if self.db.postgres else (time.time(),)
 
     # --- jobs ---------------------------------------------------------------------------
     def create(
@@ -100,43 +117,34 @@ class JobStore:
         Raises OverflowError when `max_queued` jobs are already waiting."""
         now = time.time()
         job_id = uuid.uuid4().hex[:16]
-        with closing(self._connect()) as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                if idempotency_key:
-                    row = db.execute(
-                        "SELECT id FROM jobs WHERE idempotency_key=?", (idempotency_key,)
-                    ).fetchone()
-                    if row:
-                        db.execute("COMMIT")
-                        return self.get(row[0]), False
-                queued = db.execute(
-                    "SELECT COUNT(*) FROM jobs WHERE state=?", (QUEUED,)
-                ).fetchone()[0]
-                if queued >= max_queued:
-                    raise OverflowError(f"{queued} jobs are already queued (limit {max_queued})")
-                db.execute(
-                    "INSERT INTO jobs (id, kb, state, request, idempotency_key, created_at, "
-                    "updated_at) VALUES (?,?,?,?,?,?,?)",
-                    (job_id, kb, QUEUED, json.dumps(request), idempotency_key or None, now, now),
-                )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        with self.db.transaction(lock="memupdate-job-create") as db:
+            if idempotency_key:
+                row = db.execute(
+                    "SELECT id FROM jobs WHERE idempotency_key=?", (idempotency_key,)
+                ).fetchone()
+                if row:
+                    return self.get(row[0]), False
+            queued = db.execute("SELECT COUNT(*) FROM jobs WHERE state=?", (QUEUED,)).fetchone()[0]
+            if queued >= max_queued:
+                raise OverflowError(f"{queued} jobs are already queued (limit {max_queued})")
+            db.execute(
+                "INSERT INTO jobs (id, kb, state, request, idempotency_key, created_at, "
+                "updated_at) VALUES (?,?,?,?,?,?,?)",
+                (job_id, kb, QUEUED, json.dumps(request), idempotency_key or None, now, now),
+            )
         self.add_event(job_id, "queued", {})
         JOB_TRANSITIONS.labels(QUEUED).inc()
         return self.get(job_id), True
 
     def get(self, job_id: str) -> JobRecord | None:
-        rows = self._query("SELECT * FROM jobs WHERE id=?", (job_id,))
+        rows = self.db.query(f"SELECT {COLUMNS} FROM jobs WHERE id=?", (job_id,))
         return self._job(rows[0]) if rows else None
 
     def list_jobs(
         self, kb: str = "", state: str = "", limit: int = 50, after: tuple[float, str] | None = None
     ) -> list[JobRecord]:
         """Newest first; `after` is the (created_at, id) of the last job of the previous page."""
-        sql, args = "SELECT * FROM jobs WHERE 1=1", []
+        sql, args = f"SELECT {COLUMNS} FROM jobs WHERE 1=1", []
         if kb:
             sql, args = sql + " AND kb=?", [*args, kb]
         if state:
@@ -145,33 +153,68 @@ class JobStore:
             sql += " AND (created_at < ? OR (created_at = ? AND id < ?))"
             args += [after[0], after[0], after[1]]
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-        return [self._job(r) for r in self._query(sql, [*args, limit])]
+        return [self._job(r) for r in self.db.query(sql, [*args, limit])]
 
-    def claim_next(self) -> JobRecord | None:
-        """Atomically take the oldest queued job and mark it RUNNING (attempts + 1)."""
-        with closing(self._connect()) as db:
-            db.execute("BEGIN IMMEDIATE")
+    def claim_next(self, owner: str = "local", lease_s: float = 60.0) -> JobRecord | None:
+        """Take the oldest job that is queued, or running under a lease that ran out (its
+        worker died), and mark it RUNNING under `owner`'s lease (attempts + 1)."""
+        skip_locked = " FOR UPDATE SKIP LOCKED" if self.db.postgres else ""
+        with self.db.transaction() as db:
             row = db.execute(
-                "SELECT id FROM jobs WHERE state=? ORDER BY created_at LIMIT 1", (QUEUED,)
+                f"SELECT id, state, attempts, lease_owner FROM jobs WHERE state=? "
+                f"OR (state=? AND lease_expires_at < {self.now}) "
+                f"ORDER BY created_at LIMIT 1{skip_locked}",
+                (QUEUED, RUNNING, *self._now_args()),
             ).fetchone()
-            if row:
+            if row is None:
+                return None
+            job_id, state, attempts, dead_owner = row
+            if state == RUNNING and attempts >= MAX_ATTEMPTS:
+                ended = f"its worker died {attempts} times while running it (out of memory?)"
                 db.execute(
-                    "UPDATE jobs SET state=?, attempts=attempts+1, updated_at=? WHERE id=?",
-                    (RUNNING, time.time(), row[0]),
+                    "UPDATE jobs SET state=?, message=?, phase='', updated_at=? WHERE id=?",
+                    (FAILED, ended, time.time(), job_id),
                 )
-            db.execute("COMMIT")
-        if row is None:
+            else:
+                db.execute(
+                    f"UPDATE jobs SET state=?, attempts=attempts+1, lease_owner=?, "
+                    f"lease_expires_at={self.now} + ?, updated_at=? WHERE id=?",
+                    (RUNNING, owner, *self._now_args(), lease_s, time.time(), job_id),
+                )
+        if state == RUNNING and attempts >= MAX_ATTEMPTS:
+            self.add_event(job_id, "failed", {"message": ended})
+            JOB_TRANSITIONS.labels(FAILED).inc()
             return None
+        if state == RUNNING:
+            message = f"the lease of worker {dead_owner} ran out; retried from the start by {owner}"
+            self.add_event(job_id, "retried", {"message": message})
         JOB_TRANSITIONS.labels(RUNNING).inc()
-        return self.get(row[0])
+        return self.get(job_id)
+
+    def renew_lease(self, job_id: str, owner: str, lease_s: float) -> bool:
+        """Extend `owner`'s lease; False when it no longer holds one (it ran out and another
+        worker took the job, or the job was cancelled)."""
+        changed = self.db.execute(
+            f"UPDATE jobs SET lease_expires_at={self.now} + ? "
+            f"WHERE id=? AND lease_owner=? AND state=?",
+            (*self._now_args(), lease_s, job_id, owner, RUNNING),
+        )
+        return changed == 1
+
+    def holds_lease(self, job_id: str, owner: str) -> bool:
+        rows = self.db.query(
+            f"SELECT 1 FROM jobs WHERE id=? AND lease_owner=? AND state=? "
+            f"AND lease_expires_at >= {self.now}",
+            (job_id, owner, RUNNING, *self._now_args()),
+        )
+        return bool(rows)
 
     def update(self, job_id: str, **fields) -> None:
         if "result" in fields:
             fields["result"] = json.dumps(fields["result"])
         fields["updated_at"] = time.time()
         cols = ", ".join(f"{k}=?" for k in fields)
-        with closing(self._connect()) as db:
-            db.execute(f"UPDATE jobs SET {cols} WHERE id=?", (*fields.values(), job_id))
+        self.db.execute(f"UPDATE jobs SET {cols} WHERE id=?", (*fields.values(), job_id))
 
     def request_cancel(self, job_id: str) -> JobRecord | None:
         """A queued job is cancelled at once; a running one at its next checkpoint."""
@@ -184,21 +227,38 @@ class JobStore:
             self.update(job_id, cancel_requested=1)
         return self.get(job_id)
 
-    def finish(self, job_id: str, state: str, message: str) -> None:
-        # The event first: a watch stream ends once the job has ended and no event is left, so
-        # with the state written first it could end without the final event.
-        self.add_event(job_id, state.lower(), {"message": message})
-        self.update(job_id, state=state, message=message, phase="")
-        JOB_TRANSITIONS.labels(state).inc()
+    def finish(self, job_id: str, state: str, message: str, owner: str | None = None) -> bool:
+        """End the job (with its final event, in one transaction: a watch stream that sees the
+        end also sees the event). With `owner`, only while that worker holds the job's lease;
+        False when the job was not ended here."""
+        with self.db.transaction(lock=f"memupdate-events-{job_id}") as db:
+            if owner is None:
+                guard, args = "state NOT IN (?,?,?)", ENDED
+            else:
+                guard, args = "state=? AND lease_owner=?", (RUNNING, owner)
+            changed = db.execute(
+                f"UPDATE jobs SET state=?, message=?, phase='', updated_at=? "
+                f"WHERE id=? AND {guard}",
+                (state, message, time.time(), job_id, *args),
+            ).rowcount
+            if changed:
+                self._insert_event(db, job_id, state.lower(), {"message": message})
+        if changed:
+            self._notify()
+            JOB_TRANSITIONS.labels(state).inc()
+        return bool(changed)
 
     def recover_interrupted(self) -> list[str]:
-        """Jobs RUNNING when the process died go back to the queue (retried from the start)."""
-        rows = self._query("SELECT id FROM jobs WHERE state=?", (RUNNING,))
+        """Jobs RUNNING when the process died go back to the queue (retried from the start).
+        Only for the embedded SQLite store, whose one server runs every job: with a shared
+        store, other workers' jobs are RUNNING too, and their leases say who died."""
+        rows = self.db.query("SELECT id FROM jobs WHERE state=?", (RUNNING,))
         for (job_id,) in rows:
             self.update(
                 job_id,
                 state=QUEUED,
                 phase="",
+                lease_owner=None,
                 message="interrupted by a server restart; retried from the start",
             )
             self.add_event(job_id, "queued", {"message": "retried after a server restart"})
@@ -206,47 +266,51 @@ class JobStore:
         return [r[0] for r in rows]
 
     def count_by_state(self) -> dict[str, int]:
-        rows = self._query("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+        rows = self.db.query("SELECT state, COUNT(*) FROM jobs GROUP BY state")
         return {state: dict(rows).get(state, 0) for state in (QUEUED, RUNNING, *ENDED)}
 
     # --- events -------------------------------------------------------------------------
     def add_event(self, job_id: str, kind: str, data: dict) -> None:
-        with closing(self._connect()) as db:
-            db.execute("BEGIN IMMEDIATE")
-            seq = db.execute(
-                "SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id=?", (job_id,)
-            ).fetchone()[0]
-            db.execute(
-                "INSERT INTO events VALUES (?,?,?,?,?)",
-                (job_id, seq, kind, time.time(), json.dumps(data)),
-            )
-            db.execute("COMMIT")
+        with self.db.transaction(lock=f"memupdate-events-{job_id}") as db:
+            self._insert_event(db, job_id, kind, data)
+        self._notify()
+
+    @staticmethod
+    def _insert_event(db, job_id: str, kind: str, data: dict) -> None:
+        """Inside a transaction that numbers the job's events (SQLite's write lock, or the
+        job's advisory lock on Postgres)."""
+        seq = db.execute(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id=?", (job_id,)
+        ).fetchone()[0]
+        db.execute(
+            "INSERT INTO events VALUES (?,?,?,?,?)",
+            (job_id, seq, kind, time.time(), json.dumps(data)),
+        )
+
+    def _notify(self) -> None:
         with self.changed:
             self.changed.notify_all()
 
     def events(self, job_id: str, after_seq: int = 0) -> list[Event]:
-        rows = self._query(
-            "SELECT * FROM events WHERE job_id=? AND seq>? ORDER BY seq", (job_id, after_seq)
+        rows = self.db.query(
+            "SELECT job_id, seq, kind, at, data FROM events WHERE job_id=? AND seq>? ORDER BY seq",
+            (job_id, after_seq),
         )
         return [Event(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
 
     def wait_for_change(self, timeout_s: float) -> None:
+        """Until this process adds an event, or `timeout_s` (events written by workers in
+        other processes are seen at the next poll)."""
         with self.changed:
             self.changed.wait(timeout_s)
 
     @staticmethod
     def _job(row) -> JobRecord:
         return JobRecord(
-            row[0],
-            row[1],
-            row[2],
-            row[3],
-            row[4],
+            *row[:5],
             json.loads(row[5]),
             json.loads(row[6]),
             row[7],
             bool(row[8]),
-            row[9],
-            row[10],
-            row[11],
+            *row[9:13],
         )

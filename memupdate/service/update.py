@@ -56,6 +56,7 @@ class UpdateRequest:
     margin: float = 0.0  # 0: the default
     max_steps: int = 0  # 0: the default
     max_seconds: float = 0.0  # 0: no limit
+    job_id: str = ""  # recorded with the version: a retried job goes on from what it published
 
 
 @dataclass
@@ -142,7 +143,7 @@ def plan(rt: Runtime, request: UpdateRequest) -> tuple[PlanReport, int]:
 
 
 def go_live_with_retries(
-    rt: Runtime, version, encoded, request: UpdateRequest, emit: Emit, cancelled
+    rt: Runtime, version, encoded, request: UpdateRequest, emit: Emit, cancelled, still_ours
 ) -> GoLiveResult:
     """The serving check, retried with exponential backoff (1 s doubling to 30 s) while vLLM
     cannot be reached, for up to rt.serving_wait_s; then the job fails saying why. The version
@@ -153,7 +154,13 @@ def go_live_with_retries(
         attempt += 1
         try:
             return verify_and_go_live(
-                rt.registry, rt.backend, version, encoded, rt.tokenizer, request.target_fact_recall
+                rt.registry,
+                rt.backend,
+                version,
+                encoded,
+                rt.tokenizer,
+                request.target_fact_recall,
+                still_ours=still_ours,
             )
         except ServingError as err:
             if time.monotonic() + delay > deadline:
@@ -224,9 +231,17 @@ def warm_start_source(rt: Runtime, kb: str) -> tuple[Path | None, int, str]:
 
 
 def run_update(
-    rt: Runtime, request: UpdateRequest, emit: Emit, cancelled: Callable[[], bool]
+    rt: Runtime,
+    request: UpdateRequest,
+    emit: Emit,
+    cancelled: Callable[[], bool],
+    still_ours: Callable[[], bool] = lambda: True,
 ) -> dict:
-    """Run the update to live. Emits events; raises Cancelled, UpdateFailed or FactError."""
+    """Run the update to live. Emits events; raises Cancelled, UpdateFailed or FactError.
+    `still_ours()` is asked right before the version goes live (the job's lease is held)."""
+    published = rt.registry.version_of_job(request.kb, request.job_id) if request.job_id else None
+    if published is not None:
+        return _resume(rt, published, request, emit, cancelled, still_ours)
     merged, encoded, replaced = prepare(rt, request)
     with rt.lock:  # one training on this model at a time
         started = time.monotonic()
@@ -318,6 +333,7 @@ def run_update(
                     "family": rt.family.to_dict(),  # a later warm start checks it
                     "start": start_note,
                     "target_fact_recall": request.target_fact_recall,
+                    "job_id": request.job_id,
                     "facts": len(merged),
                     "steps": result.steps,
                     "training_recall": result.recall.to_dict(),
@@ -331,14 +347,7 @@ def run_update(
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    t0 = time.monotonic()
-    live = go_live_with_retries(rt, version, encoded, request, emit, cancelled)
-    verify_s = time.monotonic() - t0
-    PHASE_SECONDS.labels("verify").observe(verify_s)
-    worst = worst_replica(live.per_replica.values())
-    emit("serving_verified", {"recall": worst.to_dict(), "version": version.version})
-    if not live.live:
-        raise UpdateFailed(live.reason)
+    live, worst, verify_s = _go_live(rt, version, encoded, request, emit, cancelled, still_ours)
     timings = {"plan_s": plan_s, "train_s": train_s, "publish_s": publish_s, "verify_s": verify_s}
     return {
         "version": version.version,
@@ -348,4 +357,43 @@ def run_update(
         "training_recall": result.recall.to_dict(),
         "serving_recall": worst.to_dict(),
         "timings": timings,
+    }
+
+
+def _go_live(rt: Runtime, version, encoded, request, emit: Emit, cancelled, still_ours):
+    """(GoLiveResult, worst replica's recall, seconds); raises UpdateFailed if not live."""
+    t0 = time.monotonic()
+    live = go_live_with_retries(rt, version, encoded, request, emit, cancelled, still_ours)
+    verify_s = time.monotonic() - t0
+    PHASE_SECONDS.labels("verify").observe(verify_s)
+    worst = worst_replica(live.per_replica.values())
+    emit("serving_verified", {"recall": worst.to_dict(), "version": version.version})
+    if not live.live:
+        raise UpdateFailed(live.reason)
+    return live, worst, verify_s
+
+
+def _resume(rt: Runtime, version, request: UpdateRequest, emit: Emit, cancelled, still_ours):
+    """An earlier attempt of this job published `version` and then died (its worker was
+    killed, or lost its lease): check that version through serving and make it live, instead of
+    training again; a job never puts two versions live."""
+    emit(
+        "resumed",
+        {
+            "version": version.version,
+            "message": f"v{version.version} was published by an earlier attempt of this job; "
+            "checking it through serving instead of training again",
+        },
+    )
+    encoded = rt.encode(version.facts())
+    live, worst, verify_s = _go_live(rt, version, encoded, request, emit, cancelled, still_ours)
+    meta = version.metadata
+    return {
+        "version": version.version,
+        "reason": live.reason,
+        "plan": meta["plan"],
+        "replaced": 0,
+        "training_recall": meta["training_recall"],
+        "serving_recall": worst.to_dict(),
+        "timings": {"plan_s": 0.0, "train_s": 0.0, "publish_s": 0.0, "verify_s": verify_s},
     }

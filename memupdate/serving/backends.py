@@ -11,6 +11,7 @@ results of an older version.
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from memupdate.memory.encoding import EncodedFact
@@ -147,10 +148,12 @@ def verify_and_go_live(
     tokenizer,
     target_fact_recall: float,
     greedy_limit: int | None = GO_LIVE_GREEDY_FACTS,
+    still_ours: Callable[[], bool] = lambda: True,
 ) -> GoLiveResult:
     """Stage `version` on every replica, measure recall through each (every fact teacher-forced,
     the `greedy_limit` weakest decoded greedily), and make it live only if every replica reaches
-    the target fact recall and reproduces those facts greedily."""
+    the target fact recall and reproduces those facts greedily, and `still_ours()` (the job
+    still holds its lease: another worker may be running it now)."""
     backend.ensure_up(registry)
     name = staging_name(version)
     results: dict[str, ServingRecall] = {}
@@ -174,6 +177,9 @@ def verify_and_go_live(
             else "greedy output differs from a target"
         )
         return GoLiveResult(version, False, results, f"not made live: {reason}")
+    if not still_ours():
+        reason = "not made live: the job's lease ran out; another worker runs it now"
+        return GoLiveResult(version, False, results, reason)
     for client in backend.replicas():
         client.load_adapter(version.kb, str(version.path))
     # Only a version that passed keeps its serving record: rollback targets need one.

@@ -1,11 +1,17 @@
 """The adapter registry: knowledge bases with numbered, immutable adapter versions.
 
-Layout under the registry root:  <kb>/v<N>/  (a peft adapter folder plus metadata.json), and
-`registry.db` (SQLite, WAL) holding the versions, which one is live, and the recall probes of
-live versions (the last PROBES_KEPT per knowledge base). A version folder is
-copied under a temporary name and renamed into place before its row is written, so a crash
-never leaves a half version that is listed; a folder without a row is garbage, swept by
-`sweep()`. Names are validated against a safe pattern: nothing can escape the root.
+Layout under the registry root:  <kb>/v<N>/  (a peft adapter folder plus metadata.json). The
+index (the versions, which one is live, and the recall probes of live versions, the last
+PROBES_KEPT per knowledge base) is `registry.db` (SQLite) in the root, or Postgres when a
+database URL is given: then the root is a volume every host mounts (NFS, a ReadWriteMany
+volume), and the index is shared without file locking over the network.
+
+A version folder is copied under a temporary name, fsynced and renamed into place before its row
+is written, so a crash never leaves a half version that is listed; a folder without a row is
+garbage, swept by `sweep()`. Rows hold paths relative to the root, so hosts may mount it at
+different places. Version numbers are never reused, not even after a knowledge base is deleted
+and made again: vLLM caches an adapter by name. Names are validated against a safe pattern:
+nothing can escape the root.
 """
 
 import hashlib
@@ -13,14 +19,12 @@ import json
 import os
 import re
 import shutil
-import sqlite3
 import tempfile
 import time
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from memupdate.database import check_database, connect
+from memupdate.database import DATABASE_ERRORS, Database
 from memupdate.memory.facts import Fact, load_facts, write_facts
 
 FACTS_FILE = "facts.jsonl"
@@ -35,17 +39,21 @@ CREATE TABLE IF NOT EXISTS versions (
     sha256 TEXT NOT NULL,
     metadata TEXT NOT NULL,
     serving TEXT,
-    created_at REAL NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (kb, version)
 );
 CREATE TABLE IF NOT EXISTS live (
     kb TEXT PRIMARY KEY,
     version INTEGER NOT NULL,
-    since REAL NOT NULL
+    since DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS retired (
+    kb TEXT PRIMARY KEY,
+    last_version INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS probes (
     kb TEXT NOT NULL,
-    at REAL NOT NULL,
+    at DOUBLE PRECISION NOT NULL,
     ok INTEGER NOT NULL,
     data TEXT NOT NULL
 );
@@ -115,14 +123,15 @@ def weights_sha256(folder: Path) -> str:
 
 
 class Registry:
-    def __init__(self, root: Path):
+    """`root`: the folder of adapter versions; `database`: a postgresql:// URL for the index
+    (None: registry.db inside the root)."""
+
+    def __init__(self, root: Path, database: str | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.db_path = self.root / "registry.db"
-        check_database(self.db_path, SCHEMA, "registry database", RegistryError)
-
-    def _connect(self) -> sqlite3.Connection:
-        return connect(self.db_path, timeout_s=30)
+        self.db = Database(
+            database or self.root / "registry.db", SCHEMA, "registry index", RegistryError
+        )
 
     # --- writing -----------------------------------------------------------------------
     def publish(
@@ -154,7 +163,7 @@ class Registry:
             _fsync_tree(tmp)  # the files are on disk before any row points at them
             _fault_point("publish")
             number = self._commit_version(kb, kb_dir, tmp, rank, sha, metadata)
-        except (OSError, sqlite3.Error) as err:
+        except (OSError, *DATABASE_ERRORS) as err:
             shutil.rmtree(tmp, ignore_errors=True)
             raise RegistryError(f"cannot publish {kb}: {err}; nothing was published") from None
         return self.version(kb, number)
@@ -162,38 +171,42 @@ class Registry:
     def _commit_version(self, kb, kb_dir: Path, tmp: Path, rank, sha, metadata) -> int:
         """Rename the staged folder into place and list it, atomically as far as readers see:
         a folder without a row is never listed (and is swept at the next start)."""
-        with closing(self._connect()) as db:
-            db.execute("BEGIN IMMEDIATE")  # one publisher numbers versions at a time
-            final = None
-            try:
-                row = db.execute("SELECT MAX(version) FROM versions WHERE kb=?", (kb,)).fetchone()
+        final = None
+        try:
+            # One publisher numbers a knowledge base's versions at a time.
+            with self.db.transaction(lock=f"memupdate-publish-{kb}") as db:
+                row = db.execute(
+                    "SELECT MAX(v) FROM (SELECT MAX(version) AS v FROM versions WHERE kb=? "
+                    "UNION ALL SELECT last_version FROM retired WHERE kb=?) AS numbers",
+                    (kb, kb),
+                ).fetchone()
                 number = (row[0] or 0) + 1
                 final = kb_dir / f"v{number}"
                 shutil.rmtree(final, ignore_errors=True)  # an unlisted leftover of a crash
                 tmp.rename(final)
                 db.execute(
                     "INSERT INTO versions VALUES (?,?,?,?,?,?,NULL,?)",
-                    (kb, number, str(final), rank, sha, json.dumps(metadata), time.time()),
+                    (kb, number, f"{kb}/v{number}", rank, sha, json.dumps(metadata), time.time()),
                 )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                if final is not None and final.exists() and not tmp.exists():
-                    shutil.rmtree(final, ignore_errors=True)  # renamed, never listed
-                raise
+        except BaseException:
+            if final is not None and final.exists() and not tmp.exists():
+                shutil.rmtree(final, ignore_errors=True)  # renamed, never listed
+            raise
         return number
 
     def record_serving(self, kb: str, version: int, serving: dict) -> None:
-        with closing(self._connect()) as db:
-            db.execute(
-                "UPDATE versions SET serving=? WHERE kb=? AND version=?",
-                (json.dumps(serving), kb, version),
-            )
+        self.db.execute(
+            "UPDATE versions SET serving=? WHERE kb=? AND version=?",
+            (json.dumps(serving), kb, version),
+        )
 
     def set_live(self, kb: str, version: int) -> None:
         self.version(kb, version)  # raises if unknown
-        with closing(self._connect()) as db:
-            db.execute("INSERT OR REPLACE INTO live VALUES (?,?,?)", (kb, version, time.time()))
+        self.db.execute(
+            "INSERT INTO live VALUES (?,?,?) "
+            "ON CONFLICT (kb) DO UPDATE SET version=excluded.version, since=excluded.since",
+            (kb, version, time.time()),
+        )
 
     def rollback(self, kb: str) -> Version:
         """Make the newest verified version older than the live one live again."""
@@ -210,42 +223,45 @@ class Registry:
         validate_name(kb)
         if not self.versions(kb):
             raise RegistryError(f"unknown knowledge base {kb!r}")
-        with closing(self._connect()) as db:
-            db.execute("BEGIN IMMEDIATE")
+        with self.db.transaction(lock=f"memupdate-publish-{kb}") as db:
+            db.execute(  # the numbers stay taken: a new base of the same name goes on from here
+                "INSERT INTO retired SELECT kb, MAX(version) FROM versions WHERE kb=? GROUP BY kb "
+                "ON CONFLICT (kb) DO UPDATE SET last_version=excluded.last_version",
+                (kb,),
+            )
             db.execute("DELETE FROM live WHERE kb=?", (kb,))
             db.execute("DELETE FROM versions WHERE kb=?", (kb,))
             db.execute("DELETE FROM probes WHERE kb=?", (kb,))
-            db.execute("COMMIT")
         shutil.rmtree(self.root / kb, ignore_errors=True)
 
     def record_probe(self, kb: str, ok: bool, data: dict) -> None:
         """Append a recall probe (`ok`: serving answered); older ones beyond PROBES_KEPT go."""
-        with closing(self._connect()) as db:
-            db.execute("BEGIN IMMEDIATE")
+        with self.db.transaction(lock=f"memupdate-probes-{kb}") as db:
             db.execute(
                 "INSERT INTO probes VALUES (?,?,?,?)", (kb, time.time(), int(ok), json.dumps(data))
             )
             db.execute(
-                "DELETE FROM probes WHERE kb=? AND rowid NOT IN "
-                "(SELECT rowid FROM probes WHERE kb=? ORDER BY at DESC LIMIT ?)",
-                (kb, kb, PROBES_KEPT),
+                "DELETE FROM probes WHERE kb=? AND at < (SELECT at FROM probes WHERE kb=? "
+                "ORDER BY at DESC LIMIT 1 OFFSET ?)",
+                (kb, kb, PROBES_KEPT - 1),
             )
-            db.execute("COMMIT")
 
     def last_probe(self, kb: str, only_ok: bool = False) -> tuple[float, dict] | None:
         """(time, data) of the newest probe, or of the newest one that reached serving."""
         sql = "SELECT at, data FROM probes WHERE kb=?" + (" AND ok=1" if only_ok else "")
-        with closing(self._connect()) as db:
-            row = db.execute(sql + " ORDER BY at DESC LIMIT 1", (kb,)).fetchone()
-        return (row[0], json.loads(row[1])) if row else None
+        rows = self.db.query(sql + " ORDER BY at DESC LIMIT 1", (kb,))
+        return (rows[0][0], json.loads(rows[0][1])) if rows else None
 
-    def sweep(self) -> list[Path]:
-        """Remove folders no row points at (left by a crash mid-publish)."""
+    def sweep(self, min_age_s: float = 0.0) -> list[Path]:
+        """Remove folders no row points at (left by a crash mid-publish) that are older than
+        `min_age_s`: on a shared volume, a younger one may be a publish in progress on another
+        host."""
         listed = {Path(v.path) for kb in self.knowledge_bases() for v in self.versions(kb)}
         removed = []
         for kb_dir in (p for p in self.root.iterdir() if p.is_dir()):
             for folder in kb_dir.iterdir():
-                if folder.is_dir() and folder not in listed:
+                too_young = time.time() - folder.stat().st_mtime < min_age_s
+                if folder.is_dir() and folder not in listed and not too_young:
                     shutil.rmtree(folder, ignore_errors=True)
                     removed.append(folder)
         return removed
@@ -255,7 +271,7 @@ class Registry:
         return Version(
             row[0],
             row[1],
-            Path(row[2]),
+            self.root / row[2],  # relative (absolute in registries made before 2026-12)
             row[3],
             row[4],
             json.loads(row[5]),
@@ -265,27 +281,25 @@ class Registry:
 
     def versions(self, kb: str) -> list[Version]:
         validate_name(kb)
-        with closing(self._connect()) as db:
-            rows = db.execute("SELECT * FROM versions WHERE kb=? ORDER BY version", (kb,))
-            return [self._row(r) for r in rows.fetchall()]
+        rows = self.db.query("SELECT * FROM versions WHERE kb=? ORDER BY version", (kb,))
+        return [self._row(r) for r in rows]
 
     def version(self, kb: str, version: int) -> Version:
         validate_name(kb)
-        with closing(self._connect()) as db:
-            row = db.execute(
-                "SELECT * FROM versions WHERE kb=? AND version=?", (kb, version)
-            ).fetchone()
-        if row is None:
+        rows = self.db.query("SELECT * FROM versions WHERE kb=? AND version=?", (kb, version))
+        if not rows:
             raise RegistryError(f"knowledge base {kb!r} has no version {version}")
-        return self._row(row)
+        return self._row(rows[0])
 
     def live(self, kb: str) -> Version | None:
         validate_name(kb)
-        with closing(self._connect()) as db:
-            row = db.execute("SELECT version FROM live WHERE kb=?", (kb,)).fetchone()
-        return self.version(kb, row[0]) if row else None
+        rows = self.db.query("SELECT version FROM live WHERE kb=?", (kb,))
+        return self.version(kb, rows[0][0]) if rows else None
 
     def knowledge_bases(self) -> list[str]:
-        with closing(self._connect()) as db:
-            rows = db.execute("SELECT DISTINCT kb FROM versions ORDER BY kb").fetchall()
-        return [r[0] for r in rows]
+        return [r[0] for r in self.db.query("SELECT DISTINCT kb FROM versions ORDER BY kb")]
+
+    def version_of_job(self, kb: str, job_id: str) -> Version | None:
+        """The version a job published, if it got that far (a retried job goes on from it)."""
+        found = [v for v in self.versions(kb) if v.metadata.get("job_id") == job_id]
+        return found[-1] if found else None

@@ -1,16 +1,35 @@
-"""vLLM plugin: a LoRA resolver that maps a knowledge base name to its live adapter version in
-memupdate's registry, so a restarted or new replica pointed at the same registry folder serves
-the current knowledge without anyone re-posting it.
+"""vLLM plugin: a LoRA resolver that maps names to adapter versions in memupdate's registry, so
+a restarted or new replica pointed at the same registry serves the current knowledge without
+anyone pushing it:
+
+- `kb` resolves to the knowledge base's live version (when the replica first sees the name;
+  vLLM keeps it loaded after that, and memupdate pushes newer versions to the replicas it knows);
+- `kb@vN` resolves to version N. Version names are never reused, so a replica memupdate does
+  not know can always be asked for the version that `GetKnowledgeBase` reports live.
 
 Install memupdate in vLLM's environment; vLLM finds the `vllm.general_plugins` entry point.
-Set MEMUPDATE_REGISTRY to the registry folder and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (vLLM
-only consults resolvers then, for a name that is not loaded yet). With VLLM_PLUGINS set, it must
-include `memupdate`.
+Set MEMUPDATE_REGISTRY to the registry folder (and MEMUPDATE_DATABASE_URL when the registry's
+index is in Postgres) and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (vLLM only consults resolvers
+then, for a name that is not loaded yet). With VLLM_PLUGINS set, it must include `memupdate`.
 """
 
 import os
 
 REGISTRY_ENV = "MEMUPDATE_REGISTRY"
+DATABASE_ENV = "MEMUPDATE_DATABASE_URL"
+
+
+def find_version(registry, lora_name: str):
+    """The registry version a served name stands for, or None (not one of ours)."""
+    from memupdate.serving.registry import RegistryError
+
+    kb, _, number = lora_name.partition("@v")
+    try:
+        if number:
+            return registry.version(kb, int(number))
+        return registry.live(kb)
+    except (RegistryError, ValueError):
+        return None  # not a knowledge base (version) name: let other resolvers try
 
 
 def register() -> None:
@@ -18,21 +37,22 @@ def register() -> None:
     from vllm.lora.request import LoRARequest
     from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
-    from memupdate.serving.registry import Registry, RegistryError
+    from memupdate.serving.registry import Registry
 
     root = os.environ.get(REGISTRY_ENV)
     if not root:
         return  # not configured: the plugin stays out of the way
 
     class MemupdateResolver(LoRAResolver):
+        registry = None  # opened at the first request, in the process that serves it
+
         async def resolve_lora(self, base_model_name: str, lora_name: str):
-            try:
-                live = Registry(root).live(lora_name)
-            except RegistryError:
-                return None  # not a knowledge base name: let other resolvers try
-            if live is None:
+            if self.registry is None:
+                self.registry = Registry(root, os.environ.get(DATABASE_ENV) or None)
+            version = find_version(self.registry, lora_name)
+            if version is None:
                 return None
             # vLLM replaces the id with its own counter; any positive value will do here.
-            return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(live.path))
+            return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(version.path))
 
     LoRAResolverRegistry.register_resolver("memupdate", MemupdateResolver())

@@ -1,0 +1,66 @@
+"""What a server or a worker process opens at start-up from its settings: the job store, the
+adapter registry, and runtimes (a copy of the base model with the adapter family, the registry
+and the serving backend every job needs)."""
+
+import logging
+
+from memupdate.memory.adapter import choose_family
+from memupdate.memory.base_model import load_model, model_identity, resolve_model_dir
+from memupdate.service.config import ServiceConfig
+from memupdate.service.jobs import JobStore
+from memupdate.service.update import Runtime
+from memupdate.serving.backends import ServingBackend
+from memupdate.serving.registry import Registry
+
+log = logging.getLogger("memupdate.service")
+# A folder in the shared registry that no row lists may be a publish in progress on another
+# host for this long (copying and fsyncing an adapter); only older ones are swept.
+SHARED_SWEEP_AGE_S = 3600.0
+
+
+def open_job_store(config: ServiceConfig) -> JobStore:
+    """The shared Postgres store, or the data directory's SQLite file. With SQLite this process
+    runs every job, so jobs it left RUNNING when it died go back to the queue now."""
+    if config.database_url:
+        return JobStore(config.database_url)
+    store = JobStore(config.data_dir / "jobs.db")
+    retried = store.recover_interrupted()
+    if retried:
+        log.warning(
+            "requeued %d job(s) interrupted by the last shutdown: %s",
+            len(retried),
+            ", ".join(retried),
+        )
+    return store
+
+
+def open_registry(config: ServiceConfig) -> Registry:
+    """The registry, its index in Postgres when the job store is there; half-published
+    versions from a crash are never listed, and are removed here."""
+    registry = Registry(config.registry_dir or config.data_dir / "registry", config.database_url)
+    registry.sweep(min_age_s=SHARED_SWEEP_AGE_S if config.database_url else 0.0)
+    return registry
+
+
+def load_runtime(config: ServiceConfig, registry: Registry, backend: ServingBackend) -> Runtime:
+    """A runtime with its own copy of the base model (trainings and plans never share one)."""
+    folder = resolve_model_dir(config.model)
+    model, tokenizer = load_model(folder)
+    return Runtime(
+        folder,
+        model_identity(folder),
+        model,
+        tokenizer,
+        choose_family(
+            model.config.num_hidden_layers,
+            tuple(config.adapter_modules) or None,
+            learning_rate=config.adapter_learning_rate,
+            locality_weight=config.adapter_locality_weight,
+        ),
+        registry,
+        backend,
+        default_max_steps=config.default_max_steps,
+        warm_start=config.warm_start,
+        max_facts=config.max_facts_per_update,
+        serving_wait_s=config.serving_wait_s,
+    )
