@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Model cache (the converted default model, laws): inside the checkout, ignored by git.
 export MEMUPDATE_HOME ?= $(CURDIR)/.memupdate-home
 
-.PHONY: setup prometheus test demo bench lint lint-docker format clean proto
+.PHONY: setup prometheus postgres test demo bench lint lint-docker format clean proto
 
 setup: $(VENV)/.setup-done
 
@@ -28,7 +28,15 @@ prometheus:
 		$$SUDO apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus; }
 
-test: setup prometheus
+# Postgres server binaries (Debian's package) for the job-queue and scale-out tests, which
+# start their own server in a temporary folder.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends postgresql; }
+
+test: setup prometheus postgres
 	$(PY) -m pytest -q -rs
 
 # The service on the embedded default: post examples/new_facts.jsonl over gRPC, follow it to

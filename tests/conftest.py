@@ -39,3 +39,26 @@ def default(default_dir):
     from memupdate.memory.base_model import load_model
 
     return load_model(default_dir)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real Postgres server for the session (tests/postgres_server.py)."""
+    from postgres_server import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def postgres_url(postgres):
+    """A fresh, empty database on the session's server."""
+    import uuid
+
+    import psycopg
+
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return postgres.url.rsplit("/", 1)[0] + f"/{name}"
