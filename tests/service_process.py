@@ -1,4 +1,5 @@
-"""Run `memupdate serve` as a real child process on 127.0.0.1 for end-to-end tests."""
+"""Run `memupdate serve` and `memupdate worker` as real child processes on 127.0.0.1 for
+end-to-end tests."""
 
 import ipaddress
 import os
@@ -37,6 +38,8 @@ def is_loopback(host: str) -> bool:
 
 
 class ServiceProcess:
+    ready_text = "memupdate gRPC on"
+
     def __init__(self, data_dir: Path, model: Path, *extra: str, env: dict | None = None):
         self.port = free_port()
         self.metrics_port = free_port()
@@ -58,7 +61,7 @@ class ServiceProcess:
             *extra,
         ]
         self.env = {**os.environ, **(env or {})}
-        self.log = data_dir.parent / f"{data_dir.name}-serve.log"
+        self.log = data_dir.parent / f"{data_dir.name}-{self.args[3]}.log"
         self.process: subprocess.Popen | None = None
         self.vllm_url: str | None = None
 
@@ -75,16 +78,16 @@ class ServiceProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             text = self.log.read_bytes()[offset:].decode(errors="replace")
-            if "memupdate gRPC on" in text:
+            if self.ready_text in text:
                 for line in text.splitlines():
                     if line.startswith("vLLM (OpenAI API) on "):
                         self.vllm_url = line.split(" on ", 1)[1].split(",")[0]
                 return self
             if self.process.poll() is not None:
-                raise RuntimeError(f"memupdate serve exited: {text[-2000:]}")
+                raise RuntimeError(f"memupdate {self.args[3]} exited: {text[-2000:]}")
             time.sleep(0.5)
         self.kill()
-        raise RuntimeError("memupdate serve did not start in time")
+        raise RuntimeError(f"memupdate {self.args[3]} did not start in time")
 
     def client(self, **kw) -> MemupdateClient:
         return MemupdateClient(f"127.0.0.1:{self.port}", **kw)
@@ -102,3 +105,16 @@ class ServiceProcess:
                 self.process.wait(60)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+class WorkerProcess(ServiceProcess):
+    """`memupdate worker` with its own working folder (no gRPC port of its own)."""
+
+    ready_text = "taking jobs from"
+
+    def __init__(self, data_dir: Path, model: Path, *extra: str, env: dict | None = None):
+        super().__init__(data_dir, model, *extra, env=env)
+        self.args[3] = "worker"
+        at = self.args.index("--grpc-port")
+        del self.args[at : at + 2]
+        self.log = data_dir.parent / f"{data_dir.name}-worker.log"

@@ -166,3 +166,12 @@ def test_database_url_must_be_postgres():
 
     with pytest.raises(ValidationError, match="postgresql:// URL, not 'mysql'"):
         ServiceConfig(database_url="mysql://u:secret@h/db")
+
+
+def test_one_knowledge_base_is_updated_by_one_worker_at_a_time_in_order(store):
+    first, second, other = submit(store, "kb"), submit(store, "kb"), submit(store, "other")
+    assert store.claim_next("w1", lease_s=30).id == first.id
+    assert store.claim_next("w2", lease_s=30).id == other.id  # not kb's second update
+    assert store.claim_next("w3", lease_s=30) is None
+    store.finish(first.id, LIVE, "done", owner="w1")
+    assert store.claim_next("w3", lease_s=30).id == second.id

@@ -157,14 +157,20 @@ class JobStore:
 
     def claim_next(self, owner: str = "local", lease_s: float = 60.0) -> JobRecord | None:
         """Take the oldest job that is queued, or running under a lease that ran out (its
-        worker died), and mark it RUNNING under `owner`'s lease (attempts + 1)."""
+        worker died), of a knowledge base no other worker is updating (one base's updates run
+        in order, one at a time), and mark it RUNNING under `owner`'s lease (attempts + 1)."""
         skip_locked = " FOR UPDATE SKIP LOCKED" if self.db.postgres else ""
-        with self.db.transaction() as db:
+        # Claims take turns (the claim lock; SQLite's write lock does the same): with SKIP
+        # LOCKED alone, two workers could take two updates of one knowledge base at once, each
+        # from the same live version, and the second to go live would drop the first's facts.
+        with self.db.transaction(lock="memupdate-claim") as db:
             row = db.execute(
-                f"SELECT id, state, attempts, lease_owner FROM jobs WHERE state=? "
-                f"OR (state=? AND lease_expires_at < {self.now}) "
+                f"SELECT id, state, attempts, lease_owner FROM jobs "
+                f"WHERE (state=? OR (state=? AND lease_expires_at < {self.now})) "
+                f"AND kb NOT IN (SELECT kb FROM jobs WHERE state=? "
+                f"AND (lease_expires_at IS NULL OR lease_expires_at >= {self.now})) "
                 f"ORDER BY created_at LIMIT 1{skip_locked}",
-                (QUEUED, RUNNING, *self._now_args()),
+                (QUEUED, RUNNING, *self._now_args(), RUNNING, *self._now_args()),
             ).fetchone()
             if row is None:
                 return None
