@@ -11,14 +11,16 @@ figures are in bench/scale_out.py.
 """
 
 import os
+import re
 import shutil
 import signal
 import time
+import urllib.request
 
 import pytest
 from openai_api import ask
 from postgres_server import PostgresServer
-from service_process import ServiceProcess, WorkerProcess, free_port
+from service_process import ServiceProcess, WorkerProcess
 
 from memupdate.memory.fact_sets import phonebook_facts
 from memupdate.service.jobs import JobStore
@@ -38,6 +40,11 @@ def updates() -> list[tuple[str, list[tuple[str, str]]]]:
         facts = phonebook_facts(2, seed=700 + i)
         out.append((BASES[i % 3], [(f.prompt, f.target) for f in facts]))
     return out
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+        return resp.read().decode()
 
 
 def wait_for(check, timeout_s: float, what: str):
@@ -76,21 +83,14 @@ def test_two_workers_two_replicas_one_queue_survive_a_killed_worker(tiny_dir, tm
         )
         started.append(server)
         server.start()
-        workers = []
+        owners, metrics_ports = {}, {}  # worker process -> lease owner; owner -> metrics port
         for i in range(2):
-            worker = WorkerProcess(
-                tmp_path / f"worker{i}",
-                tiny_dir,
-                *shared_flags,
-                env={**quiet, "MEMUPDATE_METRICS_PORT": str(free_port())},
-            )
+            worker = WorkerProcess(tmp_path / f"worker{i}", tiny_dir, *shared_flags, env=quiet)
             started.append(worker)
-            workers.append(worker.start())
-        owners = {}  # worker process -> its lease owner name, from its log
-        for worker in workers:
-            lines = worker.log.read_text().splitlines()
+            lines = worker.start().log.read_text().splitlines()
             line = next(ln for ln in lines if ln.startswith("worker ") and "taking jobs" in ln)
             owners[worker] = line.split()[1]
+            metrics_ports[owners[worker]] = worker.metrics_port
 
         store = JobStore(pg.url)  # what the test reads behind the service's back
         with server.client() as client:
@@ -147,6 +147,21 @@ def test_two_workers_two_replicas_one_queue_survive_a_killed_worker(tiny_dir, tm
                         for fact in live.facts():
                             answer = ask(url, name, fact.prompt, max_tokens=16)
                             assert answer.startswith(fact.target), (url, name, fact, answer)
+
+            # Probes and metrics work across the replicas as on one host: the server probes
+            # both and exports recall from the shared index; the surviving worker exports the
+            # training it did.
+            for kb in BASES:
+                probe = client.probe(kb)
+                assert probe.reached_serving and not probe.regressed, probe.reason
+                assert probe.recall.fact_recall == 1.0
+            metrics = scrape(server.metrics_port)
+            for kb in BASES:
+                assert f'memupdate_kb_fact_recall{{knowledge_base="{kb}"}} 1.0' in metrics
+            assert 'memupdate_jobs{state="LIVE"} 10.0' in metrics
+            survivor_metrics = scrape(metrics_ports[survivor])
+            steps = re.search(r"^memupdate_training_steps_total (\S+)$", survivor_metrics, re.M)
+            assert steps and float(steps.group(1)) > 0
 
             # Deleting a base reaches every replica, alias and version names alike.
             client.delete("gamma")

@@ -19,9 +19,12 @@ from memupdate.memory.facts import FactError, load_facts
 
 
 def _registry(args):
+    """The registry folder; its index in Postgres when MEMUPDATE_DATABASE_URL names one (as the
+    service's does across hosts), else registry.db inside it."""
     from memupdate.serving.registry import Registry
 
-    return Registry(Path(args.registry) if args.registry else home() / "registry")
+    folder = Path(args.registry) if args.registry else home() / "registry"
+    return Registry(folder, os.environ.get("MEMUPDATE_DATABASE_URL") or None)
 
 
 @contextmanager
