@@ -1,5 +1,6 @@
-"""The job queue on both stores, SQLite and a real Postgres: leases, heartbeats, fenced ends,
-claims that never hand one job to two workers, and a registry index shared by many writers."""
+"""The job queue on both stores, SQLite and a real Postgres: leases, heartbeats, fenced ends and
+writes, claims that never hand one job to two workers, and a registry index shared by many
+writers."""
 
 import threading
 import time
@@ -61,6 +62,39 @@ def test_a_job_that_kills_its_workers_fails_after_max_attempts(store):
     assert ended.state == FAILED and f"died {MAX_ATTEMPTS} times" in ended.message
 
 
+def test_a_heartbeat_keeps_a_long_job_and_a_worker_that_lost_its_lease_writes_nothing(store):
+    from memupdate.service.worker import Heartbeat
+
+    job = submit(store)
+    store.claim_next("slow-worker", lease_s=0.9)
+    heartbeat = Heartbeat(store, job.id, "slow-worker", lease_s=0.9)
+    heartbeat.start()
+    time.sleep(2.0)  # more than two leases: only the renewals keep the job
+    assert store.claim_next("other", lease_s=30) is None and not heartbeat.lost.is_set()
+    heartbeat.stop()  # the worker stalls: nothing renews
+    time.sleep(1.2)
+    assert store.claim_next("other", lease_s=30).id == job.id
+    stalled = Heartbeat(store, job.id, "slow-worker", lease_s=0.9)
+    stalled.start()  # it wakes up: its first renewal finds the lease gone
+    assert stalled.lost.wait(2.0)
+    stalled.stop()
+    assert not store.add_event(job.id, "training", {}, owner="slow-worker")
+    assert not store.update(job.id, owner="slow-worker", phase="training")
+    assert store.add_event(job.id, "training", {}, owner="other")
+    assert store.get(job.id).lease_owner == "other"
+    assert [e.kind for e in store.events(job.id)] == ["queued", "retried", "training"]
+
+
+def test_a_lease_that_ran_out_is_gone_even_before_another_worker_claims_the_job(store):
+    job = submit(store)
+    store.claim_next("paused-worker", lease_s=0.3)
+    time.sleep(0.5)
+    assert not store.renew_lease(job.id, "paused-worker", 30)
+    assert not store.holds_lease(job.id, "paused-worker")
+    assert not store.finish(job.id, LIVE, "late", owner="paused-worker")
+    assert store.claim_next("other", lease_s=30).id == job.id
+
+
 def test_cancelling_a_running_job_takes_its_lease_away(store):
     job = submit(store)
     store.claim_next("worker-a", lease_s=30)
@@ -71,14 +105,16 @@ def test_cancelling_a_running_job_takes_its_lease_away(store):
 
 def test_concurrent_workers_never_claim_the_same_job(postgres_url):
     store = JobStore(postgres_url)
-    jobs = {submit(store).id for _ in range(120)}
+    jobs = {submit(store, f"kb{i}").id for i in range(120)}  # bases that may run side by side
     claims: list[tuple[str, str]] = []
+    refused: list[str] = []  # (an assert inside a thread would not fail the test)
 
     def work(name: str):
-        own = JobStore(postgres_url)  # each worker its own store, as separate processes have
+        own = JobStore(postgres_url)
         while (job := own.claim_next(name, lease_s=60)) is not None:
             claims.append((job.id, name))
-            assert own.finish(job.id, LIVE, "done", owner=name)
+            if not own.finish(job.id, LIVE, "done", owner=name):
+                refused.append(job.id)
 
     threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(8)]
     for t in threads:
@@ -86,7 +122,7 @@ def test_concurrent_workers_never_claim_the_same_job(postgres_url):
     for t in threads:
         t.join()
     claimed = [job_id for job_id, _ in claims]
-    assert sorted(claimed) == sorted(jobs)  # every job once, none twice
+    assert sorted(claimed) == sorted(jobs) and not refused  # every job once, none twice
     assert len({name for _, name in claims}) > 1  # the work was shared
     assert store.count_by_state()[LIVE] == 120 and store.count_by_state()[QUEUED] == 0
 
@@ -159,13 +195,16 @@ def test_a_job_database_from_before_leases_gets_its_columns_and_keeps_its_jobs(t
     assert store.finish("old", LIVE, "done", owner="w")
 
 
-def test_database_url_must_be_postgres():
+def test_database_url_must_be_postgres_and_no_workers_needs_it():
     from pydantic import ValidationError
 
     from memupdate.service.config import ServiceConfig
 
     with pytest.raises(ValidationError, match="postgresql:// URL, not 'mysql'"):
         ServiceConfig(database_url="mysql://u:secret@h/db")
+    with pytest.raises(ValidationError, match="workers=0 leaves the jobs to `memupdate worker`"):
+        ServiceConfig(workers=0)
+    assert ServiceConfig(workers=0, database_url="postgresql://h/db").workers == 0
 
 
 def test_one_knowledge_base_is_updated_by_one_worker_at_a_time_in_order(store):

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from memupdate.home import home
@@ -87,6 +87,15 @@ class ServiceConfig(BaseSettings):
             scheme = url.partition(":")[0]
             raise ValueError(f"database_url must be a postgresql:// URL, not {scheme!r}")
         return url
+
+    @model_validator(mode="after")
+    def _someone_trains(self) -> "ServiceConfig":
+        if self.workers == 0 and not self.database_url:
+            raise ValueError(
+                "workers=0 leaves the jobs to `memupdate worker` processes, which need the "
+                "shared Postgres job store: set database_url too, or keep a local worker"
+            )
+        return self
 
     @field_validator("vllm_urls", mode="before")
     @classmethod

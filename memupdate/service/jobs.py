@@ -4,12 +4,12 @@
 A job is QUEUED, then RUNNING, then ends LIVE, FAILED or CANCELLED. Events are appended with a
 per-job sequence number, so a watcher that reconnects resumes where it left off.
 
-A worker claims a job under a lease (Postgres: `SELECT ... FOR UPDATE SKIP LOCKED`, so workers
-never wait on each other's claims) and renews it while it runs. A worker that dies stops
-renewing; when its lease runs out another worker claims the job and runs it from the beginning
-(training is deterministic; a published version of the job is reused, see service.update). A
-job's end is written only by the worker that holds its lease, so a worker that lost its lease
-cannot end a job someone else now runs. A job whose workers died MAX_ATTEMPTS times fails.
+A worker claims a job under a lease and renews it while it runs (claim_next says how claims
+keep one knowledge base's updates in order). A worker that dies stops renewing; when its lease
+runs out another worker claims the job and runs it from the beginning (training is
+deterministic; a version the job already published is reused, see service.update). A job's
+events, phase and end are written only under its lease, so a worker that lost its lease cannot
+touch a job someone else now runs. A job whose workers died MAX_ATTEMPTS times fails.
 With SQLite (one host, the server's own worker), jobs found RUNNING at start-up were
 interrupted by a crash and go back to the queue at once.
 """
@@ -101,7 +101,8 @@ class JobStore:
         if not str(where).startswith("postgres"):
             Path(where).parent.mkdir(parents=True, exist_ok=True)
         self.db = Database(where, SCHEMA, "job database", JobStoreError)
-        self.db.add_missing_columns("jobs", LEASE_COLUMNS)
+        if not self.db.postgres:  # (Postgres stores were made with them)
+            self.db.add_missing_columns("jobs", LEASE_COLUMNS)
         # Lease times come from the database's clock: workers on hosts whose clocks disagree
         # still agree on when a lease ran out.
         self.now = "extract(epoch from clock_timestamp())" if self.db.postgres else "?"
@@ -120,10 +121,10 @@ class JobStore:
         with self.db.transaction(lock="memupdate-job-create") as db:
             if idempotency_key:
                 row = db.execute(
-                    "SELECT id FROM jobs WHERE idempotency_key=?", (idempotency_key,)
+                    f"SELECT {COLUMNS} FROM jobs WHERE idempotency_key=?", (idempotency_key,)
                 ).fetchone()
-                if row:
-                    return self.get(row[0]), False
+                if row:  # (read on this connection: a second one could wait on this lock)
+                    return self._job(row), False
             queued = db.execute("SELECT COUNT(*) FROM jobs WHERE state=?", (QUEUED,)).fetchone()[0]
             if queued >= max_queued:
                 raise OverflowError(f"{queued} jobs are already queued (limit {max_queued})")
@@ -159,17 +160,20 @@ class JobStore:
         """Take the oldest job that is queued, or running under a lease that ran out (its
         worker died), of a knowledge base no other worker is updating (one base's updates run
         in order, one at a time), and mark it RUNNING under `owner`'s lease (attempts + 1)."""
-        skip_locked = " FOR UPDATE SKIP LOCKED" if self.db.postgres else ""
         # Claims take turns (the claim lock; SQLite's write lock does the same): with SKIP
         # LOCKED alone, two workers could take two updates of one knowledge base at once, each
         # from the same live version, and the second to go live would drop the first's facts.
+        # And the row is locked without SKIP LOCKED: with claims taking turns, a locked row is
+        # one a heartbeat or a cancel is writing, and skipping it would let a later update of
+        # the same base go first.
+        for_update = " FOR UPDATE" if self.db.postgres else ""
         with self.db.transaction(lock="memupdate-claim") as db:
             row = db.execute(
                 f"SELECT id, state, attempts, lease_owner FROM jobs "
                 f"WHERE (state=? OR (state=? AND lease_expires_at < {self.now})) "
                 f"AND kb NOT IN (SELECT kb FROM jobs WHERE state=? "
                 f"AND (lease_expires_at IS NULL OR lease_expires_at >= {self.now})) "
-                f"ORDER BY created_at LIMIT 1{skip_locked}",
+                f"ORDER BY created_at LIMIT 1{for_update}",
                 (QUEUED, RUNNING, *self._now_args(), RUNNING, *self._now_args()),
             ).fetchone()
             if row is None:
@@ -197,55 +201,73 @@ class JobStore:
         JOB_TRANSITIONS.labels(RUNNING).inc()
         return self.get(job_id)
 
+    def _held(self, owner: str) -> tuple[str, tuple]:
+        """SQL condition (and its arguments): `owner` holds the job's lease, not run out. A lease
+        that ran out is gone for good, even before another worker claims the job."""
+        condition = f"lease_owner=? AND state=? AND lease_expires_at >= {self.now}"
+        return condition, (owner, RUNNING, *self._now_args())
+
     def renew_lease(self, job_id: str, owner: str, lease_s: float) -> bool:
-        """Extend `owner`'s lease; False when it no longer holds one (it ran out and another
-        worker took the job, or the job was cancelled)."""
+        """Extend `owner`'s lease; False when it no longer holds one (it ran out, or the job
+        was cancelled or taken by another worker)."""
+        held, args = self._held(owner)
         changed = self.db.execute(
-            f"UPDATE jobs SET lease_expires_at={self.now} + ? "
-            f"WHERE id=? AND lease_owner=? AND state=?",
-            (*self._now_args(), lease_s, job_id, owner, RUNNING),
+            f"UPDATE jobs SET lease_expires_at={self.now} + ? WHERE id=? AND {held}",
+            (*self._now_args(), lease_s, job_id, *args),
         )
         return changed == 1
 
     def holds_lease(self, job_id: str, owner: str) -> bool:
-        rows = self.db.query(
-            f"SELECT 1 FROM jobs WHERE id=? AND lease_owner=? AND state=? "
-            f"AND lease_expires_at >= {self.now}",
-            (job_id, owner, RUNNING, *self._now_args()),
-        )
-        return bool(rows)
+        held, args = self._held(owner)
+        return bool(self.db.query(f"SELECT 1 FROM jobs WHERE id=? AND {held}", (job_id, *args)))
 
-    def update(self, job_id: str, **fields) -> None:
+    def update(self, job_id: str, owner: str | None = None, **fields) -> bool:
+        """Set fields; with `owner`, only while that worker holds the lease. False if not."""
         if "result" in fields:
             fields["result"] = json.dumps(fields["result"])
         fields["updated_at"] = time.time()
         cols = ", ".join(f"{k}=?" for k in fields)
-        self.db.execute(f"UPDATE jobs SET {cols} WHERE id=?", (*fields.values(), job_id))
+        held, args = self._held(owner) if owner else ("1=1", ())
+        changed = self.db.execute(
+            f"UPDATE jobs SET {cols} WHERE id=? AND {held}", (*fields.values(), job_id, *args)
+        )
+        return changed == 1
 
     def request_cancel(self, job_id: str) -> JobRecord | None:
         """A queued job is cancelled at once; a running one at its next checkpoint."""
         job = self.get(job_id)
         if job is None or job.state in ENDED:
             return job
-        if job.state == QUEUED:
-            self.finish(job_id, CANCELLED, "cancelled before it started")
+        if job.state == QUEUED:  # (unless a worker claims it first: then at its checkpoint)
+            self.finish(job_id, CANCELLED, "cancelled before it started", from_state=QUEUED)
         else:
             self.update(job_id, cancel_requested=1)
         return self.get(job_id)
 
-    def finish(self, job_id: str, state: str, message: str, owner: str | None = None) -> bool:
-        """End the job (with its final event, in one transaction: a watch stream that sees the
-        end also sees the event). With `owner`, only while that worker holds the job's lease;
+    def finish(
+        self,
+        job_id: str,
+        state: str,
+        message: str,
+        owner: str | None = None,
+        result: dict | None = None,
+        from_state: str | None = None,
+    ) -> bool:
+        """End the job (with its final event and `result`, in one transaction: a watch stream
+        that sees the end also sees the event). With `owner`, only while that worker holds the
+        job's lease; with `from_state`, only from that state; else from any state but an end.
         False when the job was not ended here."""
         with self.db.transaction(lock=f"memupdate-events-{job_id}") as db:
-            if owner is None:
-                guard, args = "state NOT IN (?,?,?)", ENDED
+            if owner is not None:
+                guard, args = self._held(owner)
+            elif from_state is not None:
+                guard, args = "state=?", (from_state,)
             else:
-                guard, args = "state=? AND lease_owner=?", (RUNNING, owner)
+                guard, args = "state NOT IN (?,?,?)", ENDED
             changed = db.execute(
-                f"UPDATE jobs SET state=?, message=?, phase='', updated_at=? "
-                f"WHERE id=? AND {guard}",
-                (state, message, time.time(), job_id, *args),
+                f"UPDATE jobs SET state=?, message=?, phase='', result=COALESCE(?, result), "
+                f"updated_at=? WHERE id=? AND {guard}",
+                (state, message, result and json.dumps(result), time.time(), job_id, *args),
             ).rowcount
             if changed:
                 self._insert_event(db, job_id, state.lower(), {"message": message})
@@ -276,10 +298,19 @@ class JobStore:
         return {state: dict(rows).get(state, 0) for state in (QUEUED, RUNNING, *ENDED)}
 
     # --- events -------------------------------------------------------------------------
-    def add_event(self, job_id: str, kind: str, data: dict) -> None:
+    def add_event(self, job_id: str, kind: str, data: dict, owner: str | None = None) -> bool:
+        """Append an event; with `owner`, only while that worker holds the job's lease (a
+        worker that lost it never writes after another worker's events). False if not."""
         with self.db.transaction(lock=f"memupdate-events-{job_id}") as db:
+            if owner is not None:
+                held, args = self._held(owner)
+                if not db.execute(
+                    f"SELECT 1 FROM jobs WHERE id=? AND {held}", (job_id, *args)
+                ).fetchone():
+                    return False
             self._insert_event(db, job_id, kind, data)
         self._notify()
+        return True
 
     @staticmethod
     def _insert_event(db, job_id: str, kind: str, data: dict) -> None:

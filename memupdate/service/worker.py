@@ -45,10 +45,10 @@ class Heartbeat(threading.Thread):
         super().__init__(name=f"lease-{job_id}", daemon=True)
         self.store, self.job_id, self.owner, self.lease_s = store, job_id, owner, lease_s
         self.lost = threading.Event()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(self.lease_s / 3):
+        while not self._halt.wait(self.lease_s / 3):
             try:
                 if not self.store.renew_lease(self.job_id, self.owner, self.lease_s):
                     self.lost.set()
@@ -57,7 +57,8 @@ class Heartbeat(threading.Thread):
                 log.exception("could not renew the lease", extra={"job_id": self.job_id})
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
+        self.join()
 
 
 class Worker(threading.Thread):
@@ -104,8 +105,11 @@ class Worker(threading.Thread):
         heartbeat.start()
 
         def emit(kind: str, data: dict) -> None:
-            self.store.add_event(job.id, kind, data)
-            self.store.update(job.id, phase=kind)
+            # Written only under the lease: once it is lost, the job is someone else's.
+            if not self.store.add_event(job.id, kind, data, owner=self.worker_id):
+                heartbeat.lost.set()
+                raise Cancelled()
+            self.store.update(job.id, owner=self.worker_id, phase=kind)
             log.info("job %s", kind, extra=extra)
 
         def cancelled() -> bool:
@@ -117,14 +121,13 @@ class Worker(threading.Thread):
         def still_ours() -> bool:  # checked right before a version goes live
             return not heartbeat.lost.is_set() and self.store.holds_lease(job.id, self.worker_id)
 
-        def finish(state: str, message: str) -> None:
-            if not self.store.finish(job.id, state, message, owner=self.worker_id):
+        def finish(state: str, message: str, result: dict | None = None) -> None:
+            if not self.store.finish(job.id, state, message, self.worker_id, result):
                 log.warning("lost the job's lease; not ending it (%s)", message, extra=extra)
 
         try:
             result = run_update(self.runtime, request_from_job(job), emit, cancelled, still_ours)
-            self.store.update(job.id, result=result)
-            finish(LIVE, f"version {result['version']} {result['reason']}")
+            finish(LIVE, f"version {result['version']} {result['reason']}", result)
         except Cancelled:  # by a user, or because the lease ran out (then finish says so)
             finish(CANCELLED, "cancelled while running")
         except EXPECTED_FAILURES as err:
@@ -132,6 +135,7 @@ class Worker(threading.Thread):
             log.warning("job failed: %s", err, extra=extra)
         except DATABASE_ERRORS:
             raise  # the run loop waits and retries; the lease runs out and the job is retried
+            # (by this worker or another)
         except Exception as err:  # a bug: the job must still end in a definite state
             log.exception("job crashed", extra=extra)
             finish(FAILED, f"internal error: {type(err).__name__}: {err}")
@@ -156,6 +160,11 @@ def run_worker_process(config) -> None:
         raise ValueError(
             "a worker process needs the shared job store: set MEMUPDATE_DATABASE_URL (or "
             "--database-url) to the Postgres URL the server uses"
+        )
+    if not config.registry_dir:
+        raise ValueError(
+            "a worker process publishes to the registry every host shares: give its folder "
+            "with --registry-dir (or MEMUPDATE_REGISTRY_DIR), as to the server"
         )
     if not config.vllm_urls:
         raise ValueError(

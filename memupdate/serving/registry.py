@@ -163,9 +163,12 @@ class Registry:
             _fsync_tree(tmp)  # the files are on disk before any row points at them
             _fault_point("publish")
             number = self._commit_version(kb, kb_dir, tmp, rank, sha, metadata)
-        except (OSError, *DATABASE_ERRORS) as err:
+        except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
             raise RegistryError(f"cannot publish {kb}: {err}; nothing was published") from None
+        except DATABASE_ERRORS:  # the index is unreachable: a worker retries the job later
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return self.version(kb, number)
 
     def _commit_version(self, kb, kb_dir: Path, tmp: Path, rank, sha, metadata) -> int:
@@ -260,7 +263,10 @@ class Registry:
         removed = []
         for kb_dir in (p for p in self.root.iterdir() if p.is_dir()):
             for folder in kb_dir.iterdir():
-                too_young = time.time() - folder.stat().st_mtime < min_age_s
+                try:  # another host may rename or remove it meanwhile
+                    too_young = time.time() - folder.stat().st_mtime < min_age_s
+                except FileNotFoundError:
+                    continue
                 if folder.is_dir() and folder not in listed and not too_young:
                     shutil.rmtree(folder, ignore_errors=True)
                     removed.append(folder)

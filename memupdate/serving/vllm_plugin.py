@@ -13,6 +13,8 @@ index is in Postgres) and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (vLLM only consu
 then, for a name that is not loaded yet). With VLLM_PLUGINS set, it must include `memupdate`.
 """
 
+import asyncio
+import logging
 import os
 
 REGISTRY_ENV = "MEMUPDATE_REGISTRY"
@@ -37,7 +39,8 @@ def register() -> None:
     from vllm.lora.request import LoRARequest
     from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
-    from memupdate.serving.registry import Registry
+    from memupdate.database import DATABASE_ERRORS
+    from memupdate.serving.registry import Registry, RegistryError
 
     root = os.environ.get(REGISTRY_ENV)
     if not root:
@@ -46,10 +49,19 @@ def register() -> None:
     class MemupdateResolver(LoRAResolver):
         registry = None  # opened at the first request, in the process that serves it
 
-        async def resolve_lora(self, base_model_name: str, lora_name: str):
+        def lookup(self, lora_name: str):
             if self.registry is None:
                 self.registry = Registry(root, os.environ.get(DATABASE_ENV) or None)
-            version = find_version(self.registry, lora_name)
+            return find_version(self.registry, lora_name)
+
+        async def resolve_lora(self, base_model_name: str, lora_name: str):
+            try:  # off vLLM's event loop: the index may be a database over the network
+                version = await asyncio.to_thread(self.lookup, lora_name)
+            except (RegistryError, *DATABASE_ERRORS) as err:
+                logging.getLogger("memupdate.vllm_plugin").warning(
+                    "cannot resolve %s from the registry: %s", lora_name, err
+                )
+                return None  # unresolved: vLLM answers that the model does not exist
             if version is None:
                 return None
             # vLLM replaces the id with its own counter; any positive value will do here.
