@@ -1,5 +1,6 @@
-"""The default model end to end through vLLM: train on the example facts, publish, verify
-through serving, and read the new knowledge back through the OpenAI API."""
+"""The default model end to end through vLLM: MemFT teaches the example facts (new to the base)
+verbatim, in the trainer and through serving; publish, verify through serving, and read the new
+knowledge back through the OpenAI API."""
 
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from memupdate.memory.encoding import encode_facts, model_context_length
 from memupdate.memory.facts import load_facts
 from memupdate.memory.locality import retain_set
 from memupdate.memory.memft import TrainSettings, train_adapter
-from memupdate.memory.recall import measure_recall
+from memupdate.memory.recall import greedy_check, measure_recall
 from memupdate.serving.backends import ManagedBackend, verify_and_go_live
 from memupdate.serving.registry import Registry
 from memupdate.serving.vllm_server import ManagedVLLM, ServerConfig
@@ -24,11 +25,19 @@ def test_example_facts_go_live_and_are_answered_through_vllm(default, default_di
     model, tok = default
     facts = load_facts(EXAMPLES)
     encoded = encode_facts(facts, tok, model_context_length(model))
+    assert measure_recall(model, encoded, tok.pad_token_id).fact_recall == 0.0  # all new
     settings = TrainSettings(rank=4, family=default_family(30), max_steps=800)
     peft_model, result = train_adapter(
         model, encoded, tok.pad_token_id, settings, retain=retain_set(model, tok, settings.family)
     )
     assert result.success, result.recall
+    assert result.recall.fact_recall == 1.0 and result.recall.min_prob > 0.5 + settings.margin
+    # Each fact is trained as its prompt and as its chat question.
+    assert {k: v["facts"] for k, v in result.recall.forms.items()} == {"prompt": 12, "chat": 12}
+    # All target tokens past 0.5 => greedy decoding in the trainer reproduces every target, in
+    # both forms (a chat answer up to and including its end-of-turn token).
+    greedy = greedy_check(peft_model, encoded, tok.pad_token_id)
+    assert greedy.exact == greedy.checked == 24, greedy.mismatches
     trained = measure_recall(peft_model, encoded, tok.pad_token_id)
     peft_model.save_pretrained(tmp_path / "adapter")
 
