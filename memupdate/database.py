@@ -83,13 +83,19 @@ class Database:
         with self.connection() as db:
             db.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
             try:
-                if self.postgres and lock:
-                    db.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (lock,))
+                if lock:
+                    self.lock(db, lock)
                 yield db
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+
+    def lock(self, db, name: str) -> None:
+        """Inside a transaction: hold the advisory lock `name` to its end (Postgres; SQLite's
+        transaction already holds the one write lock)."""
+        if self.postgres:
+            db.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (name,))
 
     def query(self, sql: str, args=()) -> list[tuple]:
         with self.connection() as db:

@@ -179,25 +179,29 @@ class JobStore:
             if row is None:
                 return None
             job_id, state, attempts, dead_owner = row
+            if state == RUNNING:  # its event in this transaction, under the job's event lock
+                self.db.lock(db, f"memupdate-events-{job_id}")
             if state == RUNNING and attempts >= MAX_ATTEMPTS:
                 ended = f"its worker died {attempts} times while running it (out of memory?)"
                 db.execute(
                     "UPDATE jobs SET state=?, message=?, phase='', updated_at=? WHERE id=?",
                     (FAILED, ended, time.time(), job_id),
                 )
+                self._insert_event(db, job_id, "failed", {"message": ended})
             else:
                 db.execute(
                     f"UPDATE jobs SET state=?, attempts=attempts+1, lease_owner=?, "
                     f"lease_expires_at={self.now} + ?, updated_at=? WHERE id=?",
                     (RUNNING, owner, *self._now_args(), lease_s, time.time(), job_id),
                 )
+                if state == RUNNING:
+                    retried = f"the lease of worker {dead_owner} ran out; retried by {owner}"
+                    self._insert_event(db, job_id, "retried", {"message": retried})
+        if state == RUNNING:
+            self._notify()
         if state == RUNNING and attempts >= MAX_ATTEMPTS:
-            self.add_event(job_id, "failed", {"message": ended})
             JOB_TRANSITIONS.labels(FAILED).inc()
             return None
-        if state == RUNNING:
-            message = f"the lease of worker {dead_owner} ran out; retried from the start by {owner}"
-            self.add_event(job_id, "retried", {"message": message})
         JOB_TRANSITIONS.labels(RUNNING).inc()
         return self.get(job_id)
 
