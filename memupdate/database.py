@@ -19,7 +19,6 @@ import psycopg_pool
 
 # What a database call can raise when the database itself fails (disk full, server gone).
 DATABASE_ERRORS = (sqlite3.Error, psycopg.Error, psycopg_pool.PoolTimeout)
-INTEGRITY_ERRORS = (sqlite3.IntegrityError, psycopg.IntegrityError)
 
 _pools: dict[str, psycopg_pool.ConnectionPool] = {}  # one pool per URL and process
 _pools_lock = threading.Lock()
@@ -107,10 +106,9 @@ class Database:
             return db.execute(sql, args).rowcount
 
     def add_missing_columns(self, table: str, columns: dict[str, str]) -> None:
-        """Columns added after a table first shipped (CREATE TABLE IF NOT EXISTS keeps old ones)."""
+        """Columns added after a table first shipped (CREATE TABLE IF NOT EXISTS keeps old ones).
+        Only SQLite files can be that old: Postgres stores were made with every column."""
         if self.postgres:
-            for name, declaration in columns.items():
-                self.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {declaration}")
             return
         present = {row[1] for row in self.query(f"PRAGMA table_info({table})")}
         for name, declaration in columns.items():

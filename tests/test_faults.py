@@ -8,14 +8,13 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 from openai_api import ask
 from service_process import ServiceProcess, free_port
-from tools import tool_missing
+from tools import tool_missing, wait_for
 
 from memupdate.memory.fact_sets import phonebook_facts
 from memupdate.v1 import memupdate_pb2 as pb
@@ -23,16 +22,6 @@ from memupdate.v1 import memupdate_pb2 as pb
 NOWHERE = f"http://127.0.0.1:{free_port()}"
 FIRST = [(f.prompt, f.target) for f in phonebook_facts(4, seed=51)]
 SECOND = [(f.prompt, f.target) for f in phonebook_facts(3, seed=52)]
-
-
-def wait_for(check, timeout_s: float, what: str, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def serve_once(data: Path, model: Path, timeout_s: float = 120) -> subprocess.CompletedProcess:

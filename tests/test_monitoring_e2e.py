@@ -10,6 +10,7 @@ import urllib.request
 import pytest
 from prometheus_server import PrometheusServer
 from service_process import ServiceProcess, is_loopback, listening_addresses
+from tools import wait_for
 
 from clients.cli import main as cli_main
 from memupdate.memory.fact_sets import phonebook_facts
@@ -19,16 +20,6 @@ from memupdate.v1 import memupdate_pb2 as pb
 pytestmark = pytest.mark.vllm
 FACTS = [(f.prompt, f.target) for f in phonebook_facts(4, seed=41)]
 PROBE_INTERVAL_S = 2
-
-
-def wait_until(check, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def untrained_adapter(model_dir, out, rank: int = 8):
@@ -102,15 +93,23 @@ def test_recall_regression_fires_the_alert_and_republish_resolves_it(stack, tiny
     service, prometheus, root = stack
     kb = {"knowledge_base": "phones"}
     recall = 'memupdate_kb_fact_recall{knowledge_base="phones"}'
-    wait_until(lambda: prometheus.value(recall) == 1.0, 60, "the recall gauge in Prometheus")
+    wait_for(
+        lambda: prometheus.value(recall) == 1.0,
+        60,
+        "the recall gauge in Prometheus",
+        interval_s=0.5,
+    )
     assert not prometheus.alerts("MemupdateRecallBelowTarget", **kb)
 
     # The regression, for real: vLLM now serves an untrained adapter under the name.
     impostor = untrained_adapter(tiny_dir, root / "impostor")
     VLLMClient(service.vllm_url).load_adapter("phones", str(impostor))
     regressed_at = time.monotonic()
-    wait_until(
-        lambda: prometheus.alerts("MemupdateRecallBelowTarget", **kb), 120, "the alert to fire"
+    wait_for(
+        lambda: prometheus.alerts("MemupdateRecallBelowTarget", **kb),
+        120,
+        "the alert to fire",
+        interval_s=0.5,
     )
     fired_after = time.monotonic() - regressed_at
     assert prometheus.value(recall) < 1.0
@@ -137,12 +136,13 @@ def test_recall_regression_fires_the_alert_and_republish_resolves_it(stack, tiny
     with service.client() as client:
         republished = client.republish("phones")
     assert republished.last_probe.source == "go-live" and not republished.last_probe.regressed
-    wait_until(
+    wait_for(
         lambda: (
             not prometheus.alerts("MemupdateRecallBelowTarget", **kb)
             and not prometheus.alerts("MemupdateRecallBelowTarget", state="pending", **kb)
         ),
         60,
         "the alert to resolve",
+        interval_s=0.5,
     )
     assert prometheus.value(recall) == 1.0

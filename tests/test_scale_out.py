@@ -21,6 +21,7 @@ import pytest
 from openai_api import ask
 from postgres_server import PostgresServer
 from service_process import ServiceProcess, WorkerProcess
+from tools import wait_for
 
 from memupdate.memory.fact_sets import phonebook_facts
 from memupdate.service.jobs import JobStore
@@ -45,16 +46,6 @@ def updates() -> list[tuple[str, list[tuple[str, str]]]]:
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
         return resp.read().decode()
-
-
-def wait_for(check, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_two_workers_two_replicas_one_queue_survive_a_killed_worker(tiny_dir, tmp_path):
@@ -109,6 +100,7 @@ def test_two_workers_two_replicas_one_queue_survive_a_killed_worker(tiny_dir, tm
                 ),
                 300,
                 "a training to be under way",
+                interval_s=0.3,
             )
             victim = next(w for w, name in owners.items() if name == victim_job.lease_owner)
             os.killpg(victim.process.pid, signal.SIGKILL)

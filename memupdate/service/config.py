@@ -8,8 +8,10 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from memupdate.database import is_postgres
 from memupdate.home import home
 from memupdate.memory.adapter import check_modules
+from memupdate.service.jobs import DEFAULT_LEASE_S
 
 
 class ServiceConfig(BaseSettings):
@@ -64,7 +66,7 @@ class ServiceConfig(BaseSettings):
     registry_dir: Path | None = None
     # A worker holds each job under a lease this long, renewed every third of it; a worker
     # that dies is replaced on its job once the lease runs out.
-    lease_s: float = Field(default=60.0, ge=3)
+    lease_s: float = Field(default=DEFAULT_LEASE_S, ge=3)
     # Recall monitor: seconds between probe rounds (0 = on demand only), facts per probe (the
     # cost bound), of those decoded greedily, and the drop below go-live recall that regresses.
     probe_interval_s: float = Field(default=300.0, ge=0)
@@ -83,7 +85,7 @@ class ServiceConfig(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _database(cls, url: str) -> str:
-        if url and not url.startswith(("postgresql://", "postgres://")):
+        if url and not is_postgres(url):
             scheme = url.partition(":")[0]
             raise ValueError(f"database_url must be a postgresql:// URL, not {scheme!r}")
         return url

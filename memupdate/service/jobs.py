@@ -21,11 +21,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from memupdate.database import Database
+from memupdate.database import Database, is_postgres
 from memupdate.service.metrics import JOB_TRANSITIONS
 
 QUEUED, RUNNING, LIVE, FAILED, CANCELLED = "QUEUED", "RUNNING", "LIVE", "FAILED", "CANCELLED"
 ENDED = (LIVE, FAILED, CANCELLED)
+DEFAULT_LEASE_S = 60.0  # a worker's lease on its job (the lease_s setting)
 MAX_ATTEMPTS = 3  # claims of a job whose worker died each time (out of memory?) before it fails
 
 SCHEMA = """
@@ -98,11 +99,10 @@ class JobStore:
 
     def __init__(self, where: Path | str):
         self.changed = threading.Condition()  # notified on every event added by this process
-        if not str(where).startswith("postgres"):
+        if not is_postgres(where):
             Path(where).parent.mkdir(parents=True, exist_ok=True)
         self.db = Database(where, SCHEMA, "job database", JobStoreError)
-        if not self.db.postgres:  # (Postgres stores were made with them)
-            self.db.add_missing_columns("jobs", LEASE_COLUMNS)
+        self.db.add_missing_columns("jobs", LEASE_COLUMNS)
         # Lease times come from the database's clock: workers on hosts whose clocks disagree
         # still agree on when a lease ran out.
         self.now = "extract(epoch from clock_timestamp())" if self.db.postgres else "?"
@@ -156,7 +156,7 @@ class JobStore:
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         return [self._job(r) for r in self.db.query(sql, [*args, limit])]
 
-    def claim_next(self, owner: str = "local", lease_s: float = 60.0) -> JobRecord | None:
+    def claim_next(self, owner: str, lease_s: float) -> JobRecord | None:
         """Take the oldest job that is queued, or running under a lease that ran out (its
         worker died), of a knowledge base no other worker is updating (one base's updates run
         in order, one at a time), and mark it RUNNING under `owner`'s lease (attempts + 1)."""

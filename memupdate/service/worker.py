@@ -16,14 +16,20 @@ import uuid
 from memupdate.database import DATABASE_ERRORS
 from memupdate.memory.facts import Fact, FactError
 from memupdate.memory.law import LawError
-from memupdate.service.jobs import CANCELLED, FAILED, LIVE, JobRecord, JobStore
+from memupdate.service.jobs import (
+    CANCELLED,
+    DEFAULT_LEASE_S,
+    FAILED,
+    LIVE,
+    JobRecord,
+    JobStore,
+)
 from memupdate.service.update import Cancelled, Runtime, UpdateFailed, UpdateRequest, run_update
 from memupdate.serving.registry import RegistryError
 from memupdate.serving.vllm_client import ServingError
 
 log = logging.getLogger("memupdate.service.worker")
 EXPECTED_FAILURES = (UpdateFailed, FactError, LawError, RegistryError, ServingError, ValueError)
-DEFAULT_LEASE_S = 60.0
 
 
 def request_from_job(job: JobRecord) -> UpdateRequest:
@@ -68,9 +74,8 @@ class Worker(threading.Thread):
         runtime: Runtime,
         retry_s: float = 5.0,
         lease_s: float = DEFAULT_LEASE_S,
-        name: str | None = None,
     ):
-        self.worker_id = name or worker_name()
+        self.worker_id = worker_name()
         super().__init__(name=f"memupdate-worker-{self.worker_id}", daemon=True)
         self.store = store
         self.runtime = runtime
