@@ -35,10 +35,12 @@ def setup(args):
     return folder, (lambda: load_model(folder))
 
 
-def fact_set(load, kind: str, count: int, seed: int):
-    """Encoded facts of one kind."""
+def fact_set(load, kind: str, count: int, seed: int, first: int | None = None):
+    """The encoded forms (prompt, chat, ...) of `count` facts of one kind, or of the `first`
+    of them."""
     model, tok = load()
-    return encode_facts(KINDS[kind](count, seed=seed), tok, model_context_length(model))
+    facts = KINDS[kind](count, seed=seed)[:first]
+    return encode_facts(facts, tok, model_context_length(model))
 
 
 def kinds(args) -> list[str]:

@@ -8,7 +8,7 @@ a new knowledge base, which is what every update cost before warm starts. Then `
 updates of 10 facts each into one knowledge base, and a greedy check through vLLM of every fact
 at the end.
 
-    .venv/bin/python bench/incremental.py [--bases 0,100,300,1000] [--sequential 30] [--rank 16]
+    .venv/bin/python bench/incremental.py [--bases 0,100,300,1000] [--sequential 30] [--rank 0]
 """
 
 import argparse
@@ -79,9 +79,10 @@ def sequential(model, work: Path, count: int, rank: int) -> None:
             total = time.monotonic()
             for i in range(count):
                 took, job, events = update(client, "seq", facts[10 * i : 10 * i + 10], rank)
+                start = next(e.message for e in events if e.kind == "planned")
                 print(
                     f"  update {i + 1:2d}/{count}: {took:5.1f} s, version {job.version} "
-                    f"({phases(events)})",
+                    f"({phases(events)}); {start}",
                     flush=True,
                 )
             total = time.monotonic() - total
@@ -102,7 +103,7 @@ def main() -> None:
     p.add_argument("--bases", default="0,100,300,1000")
     p.add_argument("--fresh-bases", default="0,100,300", help="bases also timed the old way")
     p.add_argument("--sequential", type=int, default=30)
-    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--rank", type=int, default=0, help="0: the law chooses (the default path)")
     args = p.parse_args()
     model = prepare_default_model()
     bases = [int(b) for b in args.bases.split(",") if b]
