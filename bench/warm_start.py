@@ -19,28 +19,17 @@ from memupdate.memory.locality import retain_set
 from memupdate.memory.memft import TrainSettings, train_adapter
 
 # Variants measured on 2026-11-30 and dropped (docs/benchmarks.md, "Warm starts"): a 10-step
-# learning-rate warm-up, and weight 1 on the tokens of replayed solid facts; both were settings
-# of TrainSettings in commit 7f0a72a (`warmup_steps`, `anchor_solid`).
-# name: (warm start, TrainSettings / train_adapter arguments, rank added on top of the saved one)
-VARIANTS = {
-    "fresh": (False, {}, 0),
-    "warm": (True, {}, 0),
-    # the saved adapter frozen, a new block of this rank trained on top of it
-    "stacked1": (True, {"freeze_start": True}, 1),
-    "stacked4": (True, {"freeze_start": True}, 4),
-}
+# learning-rate warm-up, and weight 1 on the tokens of replayed solid facts, both settings of
+# TrainSettings in commit 7f0a72a (`warmup_steps`, `anchor_solid`); stacked updates (the saved
+# adapter frozen, a block of rank 1 or 4 trained on top), commit 16ed814 (`freeze_start`).
+VARIANTS = {"fresh": (False, {}), "warm": (True, {})}
 
 
-def run(load, facts, args, start_from=None, save_to=None, added_rank=0, **extra):
+def run(load, facts, args, start_from=None, save_to=None, **extra):
     model, tok = load()
     family = default_family(model.config.num_hidden_layers)
-    freeze = extra.pop("freeze_start", False)
     settings = TrainSettings(
-        rank=args.rank + added_rank,
-        family=family,
-        seed=args.seed,
-        max_steps=args.max_steps,
-        **extra,
+        rank=args.rank, family=family, seed=args.seed, max_steps=args.max_steps, **extra
     )
     lowest = [1.0]
 
@@ -56,7 +45,6 @@ def run(load, facts, args, start_from=None, save_to=None, added_rank=0, **extra)
         watch,
         start_from,
         retain=retain_set(model, tok, family, seed=args.seed),
-        freeze_start=freeze,
     )
     if save_to is not None:
         peft_model.save_pretrained(save_to)
@@ -80,10 +68,8 @@ def main() -> None:
             print(f"\n{kind}: base of {args.base} built in {built.seconds:.0f} s; +10 facts:")
             times = {}
             for name in names if k % 2 == 0 else names[::-1]:
-                warm, extra, added = VARIANTS[name]
-                res, lowest = run(
-                    load, facts, args, saved if warm else None, added_rank=added, **extra
-                )
+                warm, extra = VARIANTS[name]
+                res, lowest = run(load, facts, args, saved if warm else None, **extra)
                 times[name] = res.seconds
                 print(
                     f"  {name:20s} {res.seconds:6.1f} s, {res.steps:4d} steps, success "

@@ -220,7 +220,6 @@ def train_adapter(
     start_from: Path | None = None,
     token_weights: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
     retain: RetainSet | None = None,
-    freeze_start: bool = False,
 ):
     """Wrap `model` with a LoRA adapter (fresh, or grown from the adapter saved in `start_from`,
     memory/warm_start.py) and train it. Returns (peft_model, TrainResult). Call
@@ -235,7 +234,7 @@ def train_adapter(
     peft_model = get_peft_model(model, settings.family.lora_config(settings.rank))
     try:
         if start_from is not None:
-            warm_start(peft_model, start_from, freeze_saved=freeze_start)
+            warm_start(peft_model, start_from)
         return peft_model, _train(
             peft_model, facts, pad_id, settings, on_progress, token_weights, retain
         )

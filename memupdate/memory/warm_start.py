@@ -9,7 +9,6 @@ zero the new directions would never get a gradient).
 """
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -19,10 +18,9 @@ class WarmStartError(ValueError):
     """The saved adapter cannot start this training (another family or a larger rank)."""
 
 
-def warm_start(peft_model, folder: Path, freeze_saved: bool = False) -> int:
+def warm_start(peft_model, folder: Path) -> int:
     """Load the adapter saved in `folder` into `peft_model` (made by get_peft_model with the same
-    family and a rank at least the saved one). Returns the saved rank. With `freeze_saved` only
-    the new rows of A and columns of B train (a stacked update): the saved ones get no gradient."""
+    family and a rank at least the saved one). Returns the saved rank."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -57,26 +55,4 @@ def warm_start(peft_model, folder: Path, freeze_saved: bool = False) -> int:
         grown[key] = value.to(new.dtype)
     with torch.no_grad():
         set_peft_model_state_dict(peft_model, grown)
-    if freeze_saved:
-        _freeze_first(peft_model, saved_rank)
-        if os.environ.get("STACK_GAIN"):
-            with torch.no_grad():
-                for name, param in peft_model.named_parameters():
-                    if ".lora_A." in name:
-                        param[saved_rank:] *= rank / (rank - saved_rank)
     return saved_rank
-
-
-def _freeze_first(peft_model, saved_rank: int) -> None:
-    """Zero the gradient of the saved block, so the optimizer never moves it (AdamW with no
-    weight decay leaves a parameter whose gradient is always zero exactly where it is)."""
-    for name, param in peft_model.named_parameters():
-        if ".lora_A." in name:
-            mask = torch.ones_like(param)
-            mask[:saved_rank] = 0
-        elif ".lora_B." in name:
-            mask = torch.ones_like(param)
-            mask[:, :saved_rank] = 0
-        else:
-            continue
-        param.register_hook(lambda grad, mask=mask: grad * mask)

@@ -1,16 +1,14 @@
 """One knowledge-base update, from request to live: merge facts, plan, train, publish, verify.
 
 Each new version holds the whole knowledge base: the old facts and the new ones; a new fact whose
-prompt already exists with another target replaces the old one (the job says how many). When the
-live version is of the same family the update is stacked on it: its adapter is frozen and a block
-sized by the law for the new facts' ℓ is trained on top, so an update costs about what is new;
-MemFT still stops only when every fact of the base passes. A fresh adapter, sized for the whole
-base, is trained when there is no live version, the family changed, the summed rank would pass
-the serving limit, or the stacked training fails to reach full recall (the job's events say
-which).
+prompt already exists with another target replaces the old one (the job says how many). The law's
+rank is chosen for the whole base's ℓ. Training starts from the live version's adapter when it
+is of the same family (growing its rank if the plan asks for more, never shrinking it), so an
+update costs about what is new; MemFT still stops only when every fact of the base passes. A
+fresh adapter is trained when there is no live version, the family changed, or the warm start
+fails to reach full recall (the job's events say which).
 """
 
-import json
 import shutil
 import tempfile
 import threading
@@ -106,34 +104,18 @@ def merge_facts(old: list[Fact], new: list[Fact]) -> tuple[list[Fact], list[Fact
     return list(merged.values()), replaced
 
 
-@dataclass
-class Prepared:
-    merged: list[Fact]  # the live version's facts with the request's added or replacing them
-    encoded: list[EncodedFact]  # every form of every merged fact
-    new: list[EncodedFact]  # the forms of facts the live version does not hold
-    replaced: int
-
-
-def prepare(rt: Runtime, request: UpdateRequest) -> Prepared:
-    """Merge with the live version's facts and encode."""
+def prepare(rt: Runtime, request: UpdateRequest) -> tuple[list[Fact], list[EncodedFact], int]:
+    """Merge with the live version's facts and encode; (merged, encoded, replaced count)."""
     live = rt.registry.live(request.kb)
     old = live.facts() if live else []
     merged, replaced = merge_facts(old, request.facts)
     check_fact_count(merged, rt.max_facts)
     encoded = rt.encode(merged)
-    known = {_same(f) for f in old}
-    unknown = [f for f in merged if _same(f) not in known]
-    new = encoded if not old else rt.encode(unknown) if unknown else []
-    return Prepared(merged, encoded, new, len(replaced))
-
-
-def _same(fact: Fact) -> str:
-    """Equal for two facts with the same fields, wherever each came from."""
-    return json.dumps(fact.to_json(), sort_keys=True)
+    return merged, encoded, len(replaced)
 
 
 def _plan_encoded(rt: Runtime, encoded: list[EncodedFact], request: UpdateRequest) -> PlanReport:
-    """The law's plan for these sequences (or the requested rank); the caller holds rt.lock."""
+    """The law's plan for the whole base (or the requested rank); the caller holds rt.lock."""
     report = plan_update(
         rt.model,
         encoded,
@@ -154,61 +136,10 @@ def _plan_encoded(rt: Runtime, encoded: list[EncodedFact], request: UpdateReques
     return report.budgeted(rt.default_max_steps, request.max_steps)
 
 
-@dataclass(frozen=True)
-class Start:
-    """Where training starts: a fresh adapter (path None), or the live version's adapter,
-    frozen, with a block for the new facts trained on top of it (a stacked update)."""
-
-    path: Path | None
-    note: str
-
-
-def _plan_start(
-    rt: Runtime, request: UpdateRequest, prepared: Prepared
-) -> tuple[PlanReport, Start]:
-    """The plan and where training starts; the caller holds rt.lock.
-
-    A stacked update is planned for the new facts only (the law's rank for their ℓ, or the
-    requested rank, becomes the added block), so its cost follows what is new: the live adapter
-    is frozen and keeps what it knew, and MemFT replays the old facts to catch any the new
-    block disturbs. When the summed rank would pass the serving limit, the whole base is
-    trained into one fresh adapter again (compaction)."""
-    live = rt.registry.live(request.kb)
-    why_fresh = _why_fresh(rt, live)
-    if why_fresh is None:
-        added = _plan_encoded(rt, prepared.new or prepared.encoded, request)
-        total = live.rank + added.rank
-        if total <= rt.backend.max_lora_rank:
-            per_rank = params_per_rank(rt.model, rt.family)
-            note = (
-                f"stacked on v{live.version}: its rank-{live.rank} adapter frozen, rank "
-                f"{added.rank} added for {len(prepared.new)} new sequence(s)"
-            )
-            report = replace(added, rank=total, adapter_params=total * per_rank)
-            return report, Start(live.path, note)
-        why_fresh = (
-            f"fresh adapter for the whole base: v{live.version}'s rank {live.rank} plus "
-            f"{added.rank} for the new facts passes the serving limit of "
-            f"{rt.backend.max_lora_rank} (compaction)"
-        )
-    return _plan_encoded(rt, prepared.encoded, request), Start(None, why_fresh)
-
-
-def _why_fresh(rt: Runtime, live) -> str | None:
-    """Why an update of this base trains a fresh adapter; None when it can stack on `live`."""
-    if live is None:
-        return "fresh adapter: no live version"
-    if not rt.warm_start:
-        return "fresh adapter: warm starts are off (warm_start setting)"
-    if live.metadata.get("family") != rt.family.to_dict():
-        return f"fresh adapter: v{live.version} was trained with another adapter family"
-    return None
-
-
 def plan(rt: Runtime, request: UpdateRequest) -> tuple[PlanReport, int]:
-    prepared = prepare(rt, request)
+    _, encoded, replaced = prepare(rt, request)
     with rt.lock:
-        return _plan_start(rt, request, prepared)[0], prepared.replaced
+        return _plan_encoded(rt, encoded, request), replaced
 
 
 def go_live_with_retries(
@@ -249,10 +180,10 @@ def go_live_with_retries(
             delay = min(delay * 2, 30.0)
 
 
-def _train(rt: Runtime, encoded, settings, on_progress, start: Start, work: Path, emit: Emit):
-    """Train (stacked on `start.path` when given), save the adapter to work/adapter and
-    measure its locality; (TrainResult, LocalityReport or None, whether the adapter is fresh). A
-    stacked training that cannot load or does not reach full recall is followed by a fresh one."""
+def _train(rt: Runtime, encoded, settings, on_progress, start_from, work: Path, emit: Emit):
+    """Train (warm when `start_from` is given), save the adapter to work/adapter and measure its
+    locality; (TrainResult, LocalityReport or None). A warm start that cannot load or does not
+    reach full recall is followed by a fresh training."""
 
     def once(source: Path | None):
         retain = retain_set(rt.model, rt.tokenizer, settings.family, seed=settings.seed)
@@ -264,7 +195,6 @@ def _train(rt: Runtime, encoded, settings, on_progress, start: Start, work: Path
             on_progress,
             source,
             retain=retain,
-            freeze_start=source is not None,
         )
         locality = None
         try:
@@ -275,16 +205,29 @@ def _train(rt: Runtime, encoded, settings, on_progress, start: Start, work: Path
             rt.model = peft_model.unload()  # the base model, untouched, for the next job
         return result, locality
 
-    if start.path is not None:
+    if start_from is not None:
         try:
-            result, locality = once(start.path)
+            result, locality = once(start_from)
             if result.success:
-                return result, locality, False
-            why = f"stacked training stopped short ({result.stop_reason})"
+                return result, locality
+            why = f"warm start stopped short ({result.stop_reason})"
         except WarmStartError as err:
-            why = f"stacked training failed ({err})"
+            why = f"warm start failed ({err})"
         emit("training_fresh", {"message": f"{why}; training a fresh adapter"})
-    return *once(None), True
+    return once(None)
+
+
+def warm_start_source(rt: Runtime, kb: str) -> tuple[Path | None, int, str]:
+    """(the live version's adapter folder, its rank, why) when a training can start from it;
+    (None, 0, why not) when it starts fresh."""
+    live = rt.registry.live(kb)
+    if live is None:
+        return None, 0, "fresh adapter: no live version"
+    if not rt.warm_start:
+        return None, 0, "fresh adapter: warm starts are off (warm_start setting)"
+    if live.metadata.get("family") != rt.family.to_dict():
+        return None, 0, f"fresh adapter: v{live.version} was trained with another adapter family"
+    return live.path, live.rank, f"warm start from v{live.version} (rank {live.rank})"
 
 
 def run_update(
@@ -299,13 +242,19 @@ def run_update(
     published = rt.registry.version_of_job(request.kb, request.job_id) if request.job_id else None
     if published is not None:
         return _resume(rt, published, request, emit, cancelled, still_ours)
-    prepared = prepare(rt, request)
-    merged, encoded, replaced = prepared.merged, prepared.encoded, prepared.replaced
+    merged, encoded, replaced = prepare(rt, request)
     with rt.lock:  # one training on this model at a time
         started = time.monotonic()
-        report, start = _plan_start(rt, request, prepared)
+        report = _plan_encoded(rt, encoded, request)
+        start_from, live_rank, start_note = warm_start_source(rt, request.kb)
+        if start_from is not None and live_rank > report.rank:  # shrinking would forget
+            report = replace(
+                report,
+                rank=live_rank,
+                adapter_params=live_rank * params_per_rank(rt.model, rt.family),
+            )
         rt.backend.check_rank(report.rank)
-        notes = [start.note] + ([f"{replaced} fact(s) replaced by new targets"] if replaced else [])
+        notes = [start_note] + ([f"{replaced} fact(s) replaced by new targets"] if replaced else [])
         emit(
             "planned", {"plan": report.to_dict(), "replaced": replaced, "message": "; ".join(notes)}
         )
@@ -330,7 +279,7 @@ def run_update(
 
         work = Path(tempfile.mkdtemp(prefix="memupdate-job-"))
         try:
-            result, locality, fresh = _train(rt, encoded, settings, on_progress, start, work, emit)
+            result, locality = _train(rt, encoded, settings, on_progress, start_from, work, emit)
             train_s = time.monotonic() - started - plan_s
             PHASE_SECONDS.labels("train").observe(train_s)
             TRAINING_STEPS.inc(result.steps)
@@ -349,26 +298,23 @@ def run_update(
                     + (f"; {locality.line()}" if locality else ""),
                 },
             )
-            # A law describes fresh adapters: a stacked training (most of its rank frozen) is
-            # no point of it.
-            if fresh:
-                record_training(
-                    rt.identity,
-                    rt.family,
-                    LawPoint(
-                        rank=report.rank,
-                        sequence_length=result.sequence_length,
-                        loss_before_nats=result.loss_before_nats,
-                        loss_after_nats=result.recall.mean_loss_nats,
-                        fact_recall=result.recall.fact_recall,
-                        token_recall=result.recall.token_recall,
-                        params=report.adapter_params,
-                        source=f"job:{request.kb}",
-                        steps=result.steps,
-                        facts=len(encoded),
-                        locality=locality.token_agreement if locality else None,
-                    ),
-                )
+            record_training(
+                rt.identity,
+                rt.family,
+                LawPoint(
+                    rank=report.rank,
+                    sequence_length=result.sequence_length,
+                    loss_before_nats=result.loss_before_nats,
+                    loss_after_nats=result.recall.mean_loss_nats,
+                    fact_recall=result.recall.fact_recall,
+                    token_recall=result.recall.token_recall,
+                    params=report.adapter_params,
+                    source=f"job:{request.kb}",
+                    steps=result.steps,
+                    facts=len(encoded),
+                    locality=locality.token_agreement if locality else None,
+                ),
+            )
             if not result.success:
                 missing = ", ".join(result.recall.failing[:5])
                 raise UpdateFailed(
@@ -385,7 +331,7 @@ def run_update(
                     "base_model": rt.identity.to_dict(),
                     "plan": report.to_dict(),
                     "family": rt.family.to_dict(),  # a later warm start checks it
-                    "start": start.note,
+                    "start": start_note,
                     "target_fact_recall": request.target_fact_recall,
                     "job_id": request.job_id,
                     "facts": len(merged),
