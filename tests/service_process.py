@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from clients.client import MemupdateClient
+from memupdate.serving.vllm_server import terminate_with_parent
 
 
 def free_port() -> int:
@@ -74,6 +75,9 @@ class ServiceProcess:
             stdout=open(self.log, "ab"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # If the test or bench dies without its clean-up (SIGTERM, SIGKILL), the service
+            # gets SIGTERM and stops its vLLM server: nothing is left running.
+            preexec_fn=terminate_with_parent,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -27,7 +27,7 @@ from memupdate.serving.vllm_client import ServingError, VLLMClient
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
-def _terminate_with_parent() -> None:
+def terminate_with_parent() -> None:
     """In the child: get SIGTERM if memupdate dies, even by SIGKILL, so no server is orphaned
     (Linux prctl PR_SET_PDEATHSIG)."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
@@ -131,7 +131,7 @@ class ManagedVLLM:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_terminate_with_parent,
+            preexec_fn=terminate_with_parent,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
