@@ -63,8 +63,6 @@ VARIANTS = {
     ),
     "memft-lr2e-3": ("memft", {"lr": 2e-3}),
     "uniform-lr2e-3": ("uniform", {"lr": 2e-3}),
-    "memft-lr4e-3": ("memft", {"lr": 4e-3}),
-    "uniform-lr4e-3": ("uniform", {"lr": 4e-3}),
     "memft-fp32": ("memft", {"bf16": False}),
     "uniform-fp32": ("uniform", {"bf16": False}),
 }
