@@ -76,7 +76,8 @@ class ServiceProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             # If the test or bench dies without its clean-up (SIGTERM, SIGKILL), the service
-            # gets SIGTERM and stops its vLLM server: nothing is left running.
+            # gets SIGTERM and stops its vLLM server: nothing is left running. The signal follows
+            # the starting thread, so start services from one that outlives them.
             preexec_fn=terminate_with_parent,
         )
         deadline = time.monotonic() + timeout_s
