@@ -19,7 +19,6 @@ from memupdate.memory.adapter import default_family
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--weights", default="0,1", help="locality weights to compare (0: no term)")
-    p.add_argument("--per-step", type=int, default=0, help="retain sequences per step (0: default)")
     args = p.parse_args()
     weights = [float(w) for w in args.weights.split(",")]
     _, load = setup(args)
