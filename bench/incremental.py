@@ -42,6 +42,11 @@ def update(client, kb, facts, rank) -> tuple[float, pb.Job, list]:
     return time.monotonic() - start, job, events
 
 
+def start_of(events) -> str:
+    """How the job's training started (fresh or warm, and why), from its planned event."""
+    return next(e.message for e in events if e.kind == "planned")
+
+
 def phases(events) -> str:
     first = events[0].unix_seconds
     return ", ".join(
@@ -61,8 +66,10 @@ def run_bases(service, bases, fresh_bases, rank) -> tuple[dict, dict]:
                 built, _, events = update(client, f"base-{size}", everything[:size], rank)
                 print(f"  built base-{size}: {built:.0f} s ({phases(events)})", flush=True)
             warm[size], _, events = update(client, f"base-{size}", everything[size:], rank)
-            start = next(e.message for e in events if e.kind == "planned")
-            print(f"  warm  +10 to {size:4d}: {warm[size]:6.1f} s ({phases(events)}); {start}")
+            print(
+                f"  warm  +10 to {size:4d}: {warm[size]:6.1f} s ({phases(events)}); "
+                f"{start_of(events)}"
+            )
             if size in fresh_bases:
                 fresh[size], _, events = update(client, f"fresh-{size}", everything, rank)
                 print(f"  fresh +10 to {size:4d}: {fresh[size]:6.1f} s ({phases(events)})")
@@ -79,10 +86,9 @@ def sequential(model, work: Path, count: int, rank: int) -> None:
             total = time.monotonic()
             for i in range(count):
                 took, job, events = update(client, "seq", facts[10 * i : 10 * i + 10], rank)
-                start = next(e.message for e in events if e.kind == "planned")
                 print(
                     f"  update {i + 1:2d}/{count}: {took:5.1f} s, version {job.version} "
-                    f"({phases(events)}); {start}",
+                    f"({phases(events)}); {start_of(events)}",
                     flush=True,
                 )
             total = time.monotonic() - total

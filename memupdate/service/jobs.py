@@ -179,9 +179,11 @@ class JobStore:
             if row is None:
                 return None
             job_id, state, attempts, dead_owner = row
-            if state == RUNNING:  # its event in this transaction, under the job's event lock
+            reclaimed = state == RUNNING  # its worker died: the lease ran out
+            exhausted = reclaimed and attempts >= MAX_ATTEMPTS
+            if reclaimed:  # its event in this transaction, under the job's event lock
                 self.db.lock(db, f"memupdate-events-{job_id}")
-            if state == RUNNING and attempts >= MAX_ATTEMPTS:
+            if exhausted:
                 ended = f"its worker died {attempts} times while running it (out of memory?)"
                 db.execute(
                     "UPDATE jobs SET state=?, message=?, phase='', updated_at=? WHERE id=?",
@@ -194,12 +196,12 @@ class JobStore:
                     f"lease_expires_at={self.now} + ?, updated_at=? WHERE id=?",
                     (RUNNING, owner, *self._now_args(), lease_s, time.time(), job_id),
                 )
-                if state == RUNNING:
+                if reclaimed:
                     retried = f"the lease of worker {dead_owner} ran out; retried by {owner}"
                     self._insert_event(db, job_id, "retried", {"message": retried})
-        if state == RUNNING:
+        if reclaimed:
             self._notify()
-        if state == RUNNING and attempts >= MAX_ATTEMPTS:
+        if exhausted:
             JOB_TRANSITIONS.labels(FAILED).inc()
             return None
         JOB_TRANSITIONS.labels(RUNNING).inc()
