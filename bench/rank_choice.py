@@ -10,7 +10,8 @@ training at a large ℓ costs minutes here). `--full-sweep` trains every ladder 
 instead, the oracle's literal definition.
 
     cd bench && ../.venv/bin/python rank_choice.py --cases phonebook:200:1.0,counterfactual:800:0.9
-    (default law: the one the planner finds for the default model and family)
+    (default law: the one shipped for the default model and family, which a fresh install plans
+    with; the planner's copy in $MEMUPDATE_HOME/laws drifts with every job this machine ran)
 """
 
 import math
@@ -25,7 +26,7 @@ from memupdate.memory.fact_sets import fact_bits
 from memupdate.memory.law import ParametricMemoryLaw, UnreachableTarget
 from memupdate.memory.locality import retain_set
 from memupdate.memory.memft import TrainSettings, train_adapter
-from memupdate.memory.planning import find_law
+from memupdate.memory.planning import shipped_law_path
 from memupdate.memory.recall import measure_recall
 
 CASES = (
@@ -38,7 +39,7 @@ FRESH_SEED = 1000  # calibration used seeds 0..; these facts are new to the law
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--law", help="law.json (default: the planner's law for the default family)")
+    p.add_argument("--law", help="law.json (default: the shipped law of the default family)")
     p.add_argument("--max-rank", type=int, default=64)
     p.add_argument("--full-sweep", action="store_true", help="train every rank from 1 up")
     p.add_argument("--first-seed", type=int, default=FRESH_SEED, help="case i uses seed first+i")
@@ -46,12 +47,10 @@ def main() -> None:
     args = p.parse_args()
     folder, load = setup(args)
     model, tok = load()
-    if args.law:
-        law, where = ParametricMemoryLaw.load(args.law), args.law
-    else:
-        law, where = find_law(
-            model_identity(folder), default_family(model.config.num_hidden_layers)
-        )
+    where = args.law or shipped_law_path(
+        model_identity(folder), default_family(model.config.num_hidden_layers)
+    )
+    law = ParametricMemoryLaw.load(where)
     family = AdapterFamily.from_dict(law.family)
     context = model_context_length(model)
     per_rank = params_per_rank(model, family)
@@ -90,7 +89,7 @@ def main() -> None:
             return ladder[i]
         return next((r for r in ladder[i + 1 :] if met(r)), None)
 
-    budget = {k: law.training[k] for k in ("steps", "epochs") if law.training.get(k)}
+    budget = {k: law.training[k] for k in ("steps", "epochs", "min_steps") if law.training.get(k)}
     print(f"law {where}: response {law.response}, alpha={law.alpha:.3f} beta={law.beta:.3f}")
     print(f"budget {budget}; ladder {ladder}")
     rows = []

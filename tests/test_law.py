@@ -253,9 +253,9 @@ def test_a_law_flat_in_rank_falls_back_to_the_smallest_rank():
     assert steep.best_effort_rank(4000, 3.0, max_rank=8).rank == 8
 
 
-def test_only_trainings_within_the_law_budget_refine_it(tmp_path, monkeypatch):
-    """A job that trained past the law's budget is not a point of the law: with an epoch budget
-    of 10, 40 facts (3 batches) allow 30 steps."""
+def test_only_fresh_trainings_within_the_law_budget_refine_it(tmp_path, monkeypatch):
+    """A job that trained past the law's budget is not a point of the law (with an epoch budget
+    of 10, 40 facts (3 batches) allow 30 steps), nor is a warm start."""
     from memupdate.memory.adapter import AdapterFamily
     from memupdate.memory.base_model import ModelIdentity
     from memupdate.memory.planning import record_training, user_law_path
@@ -268,10 +268,12 @@ def test_only_trainings_within_the_law_budget_refine_it(tmp_path, monkeypatch):
     past = LawPoint(4, 440, 3.0, 0.1, 1.0, source="job:long", steps=31, facts=40)
     within = LawPoint(4, 440, 3.0, 0.1, 1.0, source="job:short", steps=30, facts=40)
     assert record_training(identity, family, past) is None
+    warm = LawPoint(4, 440, 0.4, 0.1, 1.0, source="job:warm", steps=30, facts=40)
+    assert record_training(identity, family, warm, warm_start=True) is None
     assert record_training(identity, family, within) == user_law_path(identity, family)
     refined = ParametricMemoryLaw.load(user_law_path(identity, family))
     sources = {p.source for p in refined.points}
-    assert "job:short" in sources and "job:long" not in sources
+    assert sources & {"job:short", "job:long", "job:warm"} == {"job:short"}
     assert refined.response == "relative" and len(refined.history) == 1  # refitted in its form
 
 

@@ -89,7 +89,9 @@ def find_law(identity: ModelIdentity, family: AdapterFamily) -> tuple[Parametric
     )
 
 
-def record_training(identity: ModelIdentity, family: AdapterFamily, point: LawPoint) -> Path | None:
+def record_training(
+    identity: ModelIdentity, family: AdapterFamily, point: LawPoint, warm_start: bool = False
+) -> Path | None:
     """Online refinement: add a finished training's point to this model's law and refit.
 
     Read-modify-write under an exclusive file lock, written atomically, so concurrent writers
@@ -100,7 +102,12 @@ def record_training(identity: ModelIdentity, family: AdapterFamily, point: LawPo
     Only a training that finished within the law's budget is a point of the law: MemFT stops
     when every token passes, so such a run ended where a calibration run would have (its
     learning rate decayed over a longer budget, so it is a little optimistic). A job that
-    trained past the budget says nothing about what the budget achieves."""
+    trained past the budget says nothing about what the budget achieves, and a `warm_start`
+    (trained on from the live version's adapter) began with most of its facts learned, and its
+    loss before is the warm adapter's: the law predicts fresh trainings."""
+    if warm_start:
+        log.info("not refining the law with %s: a warm start", point.source)
+        return None
     path = user_law_path(identity, family)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "w") as lock:

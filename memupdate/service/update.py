@@ -314,6 +314,7 @@ def run_update(
                     facts=len(encoded),
                     locality=locality.token_agreement if locality else None,
                 ),
+                warm_start=start_from is not None,
             )
             if not result.success:
                 missing = ", ".join(result.recall.failing[:5])
