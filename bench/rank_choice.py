@@ -7,7 +7,9 @@ prediction, and bits stored per adapter parameter at the oracle rank.
 The oracle search starts at the chosen rank and walks down while the target is still met, or up
 until it is; it assumes that a rank that misses the target is not beaten by a smaller one (each
 training at a large ℓ costs minutes here). `--full-sweep` trains every ladder rank from 1 up
-instead, the oracle's literal definition.
+instead, the oracle's literal definition. `--points FILE` appends every training as a law point
+(calibration's format), so the cases can later join a calibration folder; once they do, they are
+no longer held out.
 
     cd bench && ../.venv/bin/python rank_choice.py --cases phonebook:200:1.0,counterfactual:800:0.9
     (default law: the one shipped for the default model and family, which a fresh install plans
@@ -15,15 +17,16 @@ instead, the oracle's literal definition.
 """
 
 import math
+from pathlib import Path
 
 from common import parser, setup
 
 from memupdate.memory.adapter import RANK_LADDER, AdapterFamily, default_family, params_per_rank
 from memupdate.memory.base_model import model_identity
-from memupdate.memory.calibration import budget_steps, fact_set_source
+from memupdate.memory.calibration import append_point, budget_steps, fact_set_source, run_key
 from memupdate.memory.encoding import encode_facts, model_context_length, sequence_length
 from memupdate.memory.fact_sets import fact_bits
-from memupdate.memory.law import ParametricMemoryLaw, UnreachableTarget
+from memupdate.memory.law import LawPoint, ParametricMemoryLaw, UnreachableTarget
 from memupdate.memory.locality import retain_set
 from memupdate.memory.memft import TrainSettings, train_adapter
 from memupdate.memory.planning import shipped_law_path
@@ -44,6 +47,7 @@ def main() -> None:
     p.add_argument("--full-sweep", action="store_true", help="train every rank from 1 up")
     p.add_argument("--first-seed", type=int, default=FRESH_SEED, help="case i uses seed first+i")
     p.add_argument("--cases", default=CASES, help="kind:ℓ:target fact recall, comma-separated")
+    p.add_argument("--points", type=Path, help="append each training's law point to this file")
     args = p.parse_args()
     folder, load = setup(args)
     model, tok = load()
@@ -59,7 +63,7 @@ def main() -> None:
     def encode(facts):
         return encode_facts(facts, tok, context)
 
-    def fact_recall(facts, rank):
+    def fact_recall(facts, rank, kind, seed):
         m, t = load()
         steps = budget_steps(law.training, len(facts))
         _, res = train_adapter(
@@ -70,14 +74,29 @@ def main() -> None:
             retain=retain_set(m, t, family),
         )
         print(f"    rank {rank}: fact recall {res.recall.fact_recall:.3f} in {res.seconds:.0f} s")
+        if args.points:
+            point = LawPoint(
+                rank=rank,
+                sequence_length=res.sequence_length,
+                loss_before_nats=res.loss_before_nats,
+                loss_after_nats=res.recall.mean_loss_nats,
+                fact_recall=res.recall.fact_recall,
+                token_recall=res.recall.token_recall,
+                params=rank * per_rank,
+                source="rank-choice:" + run_key(kind, rank, res.sequence_length, seed),
+                steps=res.steps,
+                facts=len(facts),
+                kind=kind,
+            )
+            append_point(args.points, point)
         return res.recall.fact_recall
 
-    def find_oracle(facts, target, start, results):
+    def find_oracle(facts, target, start, results, kind, seed):
         """Smallest ladder rank reaching `target`, walking from `start`; fills `results`."""
 
         def met(rank):
             if rank not in results:
-                results[rank] = fact_recall(facts, rank)
+                results[rank] = fact_recall(facts, rank, kind, seed)
             return results[rank] >= target
 
         if args.full_sweep:
@@ -96,7 +115,8 @@ def main() -> None:
     for case, text in enumerate(args.cases.split(",")):
         kind, ell, target = text.split(":")
         ell, target = int(ell), float(target)
-        facts = fact_set_source(encode, kind, args.first_seed + case, ell)
+        seed = args.first_seed + case
+        facts = fact_set_source(encode, kind, seed, ell)
         ell = sequence_length(facts)
         loss_before = measure_recall(model, facts, tok.pad_token_id).mean_loss_nats
         try:
@@ -108,9 +128,9 @@ def main() -> None:
         predicted = law.predict(chosen, ell, loss_before)[1]
         print(f"{kind} ℓ={ell} target {target}: chosen rank {chosen}{fallback}", flush=True)
         results: dict[int, float] = {}
-        oracle = find_oracle(facts, target, chosen, results)
+        oracle = find_oracle(facts, target, chosen, results, kind, seed)
         if chosen not in results:
-            results[chosen] = fact_recall(facts, chosen)
+            results[chosen] = fact_recall(facts, chosen, kind, seed)
         fact_count = sum(1 for f in facts if f.form == "prompt")
         bits = (
             results[oracle] * fact_count * fact_bits(kind) / (oracle * per_rank)

@@ -39,6 +39,11 @@ def test_plan_without_a_law_falls_back_and_says_so(
     assert report["rank"] == 16 and report["predicted_fact_recall"] is None
     assert "no calibrated law" in report["law"]
     assert report["adapter_params"] > 0
+    # Read by people: facts as posted, then the sequences trained (the tiny model has no chat
+    # template, so one form each).
+    args = ["plan", str(facts_file), "--target-recall", "0.9", "--model", str(tiny_dir)]
+    assert main(args) == 0
+    assert "facts:                   8 (8 sequences: every form of each)" in capsys.readouterr().out
 
 
 def test_train_writes_adapter_and_report(tiny_dir, facts_file, tmp_path, capsys):

@@ -69,7 +69,8 @@ def cmd_plan(args) -> int:
         if report.predicted_fact_recall is None
         else f"{report.predicted_fact_recall:.3f}"
     )
-    print(f"facts:                   {report.facts}")
+    posted = sum(1 for f in facts if f.form == "prompt")
+    print(f"facts:                   {posted} ({report.facts} sequences: every form of each)")
     print(f"sequence length ℓ:       {report.sequence_length} target tokens")
     print(f"base loss on targets:    {report.loss_before_nats:.3f} nats/token")
     print(f"chosen rank:             {report.rank}  (serving limit {args.max_rank})")
