@@ -23,10 +23,16 @@ from common import parser, setup
 
 from memupdate.memory.adapter import RANK_LADDER, AdapterFamily, default_family, params_per_rank
 from memupdate.memory.base_model import model_identity
-from memupdate.memory.calibration import append_point, budget_steps, fact_set_source, run_key
+from memupdate.memory.calibration import (
+    append_point,
+    budget_steps,
+    fact_set_source,
+    run_key,
+    training_point,
+)
 from memupdate.memory.encoding import encode_facts, model_context_length, sequence_length
 from memupdate.memory.fact_sets import fact_bits
-from memupdate.memory.law import LawPoint, ParametricMemoryLaw, UnreachableTarget
+from memupdate.memory.law import ParametricMemoryLaw, UnreachableTarget
 from memupdate.memory.locality import retain_set
 from memupdate.memory.memft import TrainSettings, train_adapter
 from memupdate.memory.planning import shipped_law_path
@@ -75,19 +81,11 @@ def main() -> None:
         )
         print(f"    rank {rank}: fact recall {res.recall.fact_recall:.3f} in {res.seconds:.0f} s")
         if args.points:
-            point = LawPoint(
-                rank=rank,
-                sequence_length=res.sequence_length,
-                loss_before_nats=res.loss_before_nats,
-                loss_after_nats=res.recall.mean_loss_nats,
-                fact_recall=res.recall.fact_recall,
-                token_recall=res.recall.token_recall,
-                params=rank * per_rank,
-                source="rank-choice:" + run_key(kind, rank, res.sequence_length, seed),
-                steps=res.steps,
-                facts=len(facts),
-                kind=kind,
+            key = run_key(kind, rank, res.sequence_length, seed)
+            point = training_point(
+                res, rank, rank * per_rank, f"rank-choice:{key}", len(facts), kind=kind
             )
+            append_point(args.points, point)
             append_point(args.points, point)
         return res.recall.fact_recall
 

@@ -16,12 +16,12 @@ from memupdate.memory.base_model import (
     model_identity,
     prepare_default_model,
 )
-from memupdate.memory.calibration import MIN_TRAINING_STEPS
+from memupdate.memory.calibration import MIN_TRAINING_STEPS, training_point
 from memupdate.memory.encoding import sequence_length
 from memupdate.memory.fact_sets import KINDS, phonebook_facts
 from memupdate.memory.facts import FactError, write_facts
 from memupdate.memory.law import FORMS as LAW_FORMS
-from memupdate.memory.law import LawError, LawPoint
+from memupdate.memory.law import LawError
 from memupdate.memory.locality import measure_locality, retain_set
 from memupdate.memory.memft import DEFAULT_MARGIN, MODES, Progress, TrainSettings, train_adapter
 from memupdate.memory.planning import DEFAULT_MAX_RANK, record_training
@@ -162,18 +162,13 @@ def cmd_train(args) -> int:
     law_file = record_training(
         base.identity,
         family,
-        LawPoint(
-            rank=rank,
-            sequence_length=result.sequence_length,
-            loss_before_nats=result.loss_before_nats,
-            loss_after_nats=result.recall.mean_loss_nats,
-            fact_recall=result.recall.fact_recall,
-            token_recall=result.recall.token_recall,
-            params=report["adapter_params"],
-            source=f"train:{out.name}",
-            steps=result.steps,
-            facts=len(facts),
-            locality=locality.token_agreement,
+        training_point(
+            result,
+            rank,
+            report["adapter_params"],
+            f"train:{out.name}",
+            len(facts),
+            locality.token_agreement,
         ),
     )
     if law_file:

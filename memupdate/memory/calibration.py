@@ -25,7 +25,7 @@ from memupdate.memory.encoding import EncodedFact, sequence_length
 from memupdate.memory.fact_sets import KINDS
 from memupdate.memory.law import LawError, LawPoint, ParametricMemoryLaw, log_errors
 from memupdate.memory.locality import measure_locality, retain_set
-from memupdate.memory.memft import Progress, TrainSettings, train_adapter
+from memupdate.memory.memft import Progress, TrainResult, TrainSettings, train_adapter
 
 # The fewest steps an epoch budget allows. A knowledge base of a few facts fills one batch, so
 # E epochs would be E steps, far fewer than MemFT needs to reach a fact: small bases get this
@@ -105,6 +105,32 @@ def file_source(facts: list[EncodedFact], kind: str, seed: int, ell: int) -> lis
     return slice_to_length(shuffled, ell)
 
 
+def training_point(
+    result: TrainResult,
+    rank: int,
+    params: int,
+    source: str,
+    facts: int,
+    locality: float | None = None,
+    kind: str = "",
+) -> LawPoint:
+    """A finished training as a point of the law (`facts`: sequences trained)."""
+    return LawPoint(
+        rank=rank,
+        sequence_length=result.sequence_length,
+        loss_before_nats=result.loss_before_nats,
+        loss_after_nats=result.recall.mean_loss_nats,
+        fact_recall=result.recall.fact_recall,
+        token_recall=result.recall.token_recall,
+        params=params,
+        source=source,
+        steps=result.steps,
+        facts=facts,
+        locality=locality,
+        kind=kind,
+    )
+
+
 def run_key(kind: str, rank: int, ell: int, seed: int) -> str:
     return f"{kind}-r{rank}-l{ell}-s{seed}"
 
@@ -164,19 +190,14 @@ def calibrate(
             lambda p, key=key: on_progress(key, p),
             retain=retain_set(model, tokenizer, family, seed=seed),
         )
-        point = LawPoint(
-            rank=rank,
-            sequence_length=sequence_length(facts),
-            loss_before_nats=result.loss_before_nats,
-            loss_after_nats=result.recall.mean_loss_nats,
-            fact_recall=result.recall.fact_recall,
-            token_recall=result.recall.token_recall,
-            params=rank * params_per_rank(peft_model, family),
-            source=key,
-            steps=result.steps,
-            facts=len(facts),
-            locality=measure_locality(peft_model, tokenizer).token_agreement,
-            kind=kind,
+        point = training_point(
+            result,
+            rank,
+            rank * params_per_rank(peft_model, family),
+            key,
+            len(facts),
+            measure_locality(peft_model, tokenizer).token_agreement,
+            kind,
         )
         append_point(path, point)
         done[key] = point

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from memupdate.memory.adapter import AdapterFamily, params_per_rank
 from memupdate.memory.base_model import ModelIdentity
+from memupdate.memory.calibration import training_point
 from memupdate.memory.encoding import EncodedFact, encode_facts, model_context_length
 from memupdate.memory.facts import Fact, FactError, check_fact_count
-from memupdate.memory.law import LawPoint
 from memupdate.memory.locality import measure_locality, retain_set
 from memupdate.memory.memft import DEFAULT_MARGIN, Progress, TrainSettings, train_adapter
 from memupdate.memory.planning import PlanReport, plan_update, record_training
@@ -301,18 +301,13 @@ def run_update(
             record_training(
                 rt.identity,
                 rt.family,
-                LawPoint(
-                    rank=report.rank,
-                    sequence_length=result.sequence_length,
-                    loss_before_nats=result.loss_before_nats,
-                    loss_after_nats=result.recall.mean_loss_nats,
-                    fact_recall=result.recall.fact_recall,
-                    token_recall=result.recall.token_recall,
-                    params=report.adapter_params,
-                    source=f"job:{request.kb}",
-                    steps=result.steps,
-                    facts=len(encoded),
-                    locality=locality.token_agreement if locality else None,
+                training_point(
+                    result,
+                    report.rank,
+                    report.adapter_params,
+                    f"job:{request.kb}",
+                    len(encoded),
+                    locality.token_agreement if locality else None,
                 ),
                 warm_start=start_from is not None,
             )
