@@ -86,7 +86,6 @@ def main() -> None:
                 res, rank, rank * per_rank, f"rank-choice:{key}", len(facts), kind=kind
             )
             append_point(args.points, point)
-            append_point(args.points, point)
         return res.recall.fact_recall
 
     def find_oracle(facts, target, start, results, kind, seed):
