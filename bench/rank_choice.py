@@ -30,7 +30,12 @@ from memupdate.memory.calibration import (
     run_key,
     training_point,
 )
-from memupdate.memory.encoding import encode_facts, model_context_length, sequence_length
+from memupdate.memory.encoding import (
+    encode_facts,
+    fact_count,
+    model_context_length,
+    sequence_length,
+)
 from memupdate.memory.fact_sets import fact_bits
 from memupdate.memory.law import ParametricMemoryLaw, UnreachableTarget
 from memupdate.memory.locality import retain_set
@@ -128,9 +133,8 @@ def main() -> None:
         oracle = find_oracle(facts, target, chosen, results, kind, seed)
         if chosen not in results:
             results[chosen] = fact_recall(facts, chosen, kind, seed)
-        fact_count = sum(1 for f in facts if f.form == "prompt")
         bits = (
-            results[oracle] * fact_count * fact_bits(kind) / (oracle * per_rank)
+            results[oracle] * fact_count(facts) * fact_bits(kind) / (oracle * per_rank)
             if oracle
             else math.nan
         )

@@ -17,7 +17,7 @@ from memupdate.memory.base_model import (
     prepare_default_model,
 )
 from memupdate.memory.calibration import MIN_TRAINING_STEPS, training_point
-from memupdate.memory.encoding import sequence_length
+from memupdate.memory.encoding import fact_count, sequence_length
 from memupdate.memory.fact_sets import KINDS, phonebook_facts
 from memupdate.memory.facts import FactError, write_facts
 from memupdate.memory.law import FORMS as LAW_FORMS
@@ -69,7 +69,7 @@ def cmd_plan(args) -> int:
         if report.predicted_fact_recall is None
         else f"{report.predicted_fact_recall:.3f}"
     )
-    posted = sum(1 for f in facts if f.form == "prompt")
+    posted = fact_count(facts)
     print(f"facts:                   {posted} ({report.facts} sequences: every form of each)")
     print(f"sequence length ℓ:       {report.sequence_length} target tokens")
     print(f"base loss on targets:    {report.loss_before_nats:.3f} nats/token")

@@ -158,5 +158,10 @@ def sequence_length(encoded: list[EncodedFact]) -> int:
     return sum(len(e.target_ids) for e in encoded)
 
 
+def fact_count(encoded: list[EncodedFact]) -> int:
+    """Facts as posted: every fact has exactly one `prompt` form, whatever else it is asked as."""
+    return sum(1 for e in encoded if e.form == "prompt")
+
+
 def model_context_length(model) -> int:
     return int(getattr(model.config, "max_position_embeddings", 2048))
