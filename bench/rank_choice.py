@@ -9,7 +9,9 @@ until it is; it assumes that a rank that misses the target is not beaten by a sm
 training at a large ℓ costs minutes here). `--full-sweep` trains every ladder rank from 1 up
 instead, the oracle's literal definition. `--points FILE` appends every training as a law point
 (calibration's format), so the cases can later join a calibration folder; once they do, they are
-no longer held out.
+no longer held out. A training already in that file for the same case (kind, rank, ℓ, seed) is
+reused, not retrained: a stopped run resumes, and two processes sharing one file (one with
+`--start-rank` lower on the ladder) split a case's trainings between cores.
 
     cd bench && ../.venv/bin/python rank_choice.py --cases phonebook:200:1.0,counterfactual:800:0.9
     (default law: the one shipped for the default model and family, which a fresh install plans
@@ -27,6 +29,7 @@ from memupdate.memory.calibration import (
     append_point,
     budget_steps,
     fact_set_source,
+    load_points,
     run_key,
     training_point,
 )
@@ -39,7 +42,7 @@ from memupdate.memory.encoding import (
 from memupdate.memory.fact_sets import fact_bits
 from memupdate.memory.law import ParametricMemoryLaw, UnreachableTarget
 from memupdate.memory.locality import retain_set
-from memupdate.memory.memft import TrainSettings, train_adapter
+from memupdate.memory.memft import Progress, TrainSettings, train_adapter
 from memupdate.memory.planning import shipped_law_path
 from memupdate.memory.recall import measure_recall
 
@@ -59,6 +62,7 @@ def main() -> None:
     p.add_argument("--first-seed", type=int, default=FRESH_SEED, help="case i uses seed first+i")
     p.add_argument("--cases", default=CASES, help="kind:ℓ:target fact recall, comma-separated")
     p.add_argument("--points", type=Path, help="append each training's law point to this file")
+    p.add_argument("--start-rank", type=int, help="start the oracle walk here, not at the choice")
     args = p.parse_args()
     folder, load = setup(args)
     model, tok = load()
@@ -74,7 +78,17 @@ def main() -> None:
     def encode(facts):
         return encode_facts(facts, tok, context)
 
+    def progress(p: Progress) -> None:  # a training at ℓ 5,000 takes most of an hour here
+        if p.step % 100 == 0:
+            print(f"      step {p.step}/{p.max_steps}: fact recall {p.fact_recall:.2f}", flush=True)
+
     def fact_recall(facts, rank, kind, seed):
+        source = "rank-choice:" + run_key(kind, rank, sequence_length(facts), seed)
+        done = load_points(args.points) if args.points else {}
+        if source in done:
+            recall = done[source].fact_recall
+            print(f"    rank {rank}: fact recall {recall:.3f} (from {args.points})")
+            return recall
         m, t = load()
         steps = budget_steps(law.training, len(facts))
         _, res = train_adapter(
@@ -82,14 +96,12 @@ def main() -> None:
             facts,
             t.pad_token_id,
             TrainSettings(rank=rank, family=family, max_steps=steps),
+            progress,
             retain=retain_set(m, t, family),
         )
         print(f"    rank {rank}: fact recall {res.recall.fact_recall:.3f} in {res.seconds:.0f} s")
         if args.points:
-            key = run_key(kind, rank, res.sequence_length, seed)
-            point = training_point(
-                res, rank, rank * per_rank, f"rank-choice:{key}", len(facts), kind=kind
-            )
+            point = training_point(res, rank, rank * per_rank, source, len(facts), kind=kind)
             append_point(args.points, point)
         return res.recall.fact_recall
 
@@ -130,7 +142,7 @@ def main() -> None:
         predicted = law.predict(chosen, ell, loss_before)[1]
         print(f"{kind} ℓ={ell} target {target}: chosen rank {chosen}{fallback}", flush=True)
         results: dict[int, float] = {}
-        oracle = find_oracle(facts, target, chosen, results, kind, seed)
+        oracle = find_oracle(facts, target, args.start_rank or chosen, results, kind, seed)
         if chosen not in results:
             results[chosen] = fact_recall(facts, chosen, kind, seed)
         bits = (
