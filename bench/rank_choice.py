@@ -11,7 +11,9 @@ instead, the oracle's literal definition. `--points FILE` appends every training
 (calibration's format), so the cases can later join a calibration folder; once they do, they are
 no longer held out. A training already in that file for the same case (kind, rank, ℓ, seed) is
 reused, not retrained: a stopped run resumes, and two processes sharing one file (one with
-`--start-rank` lower on the ladder) split a case's trainings between cores.
+`--start-rank` lower on the ladder) split a case's trainings between cores. `--plan-only` prints
+each case's base loss, choice and prediction without training: what another law (`--law`) would
+choose for the same facts.
 
     cd bench && ../.venv/bin/python rank_choice.py --cases phonebook:200:1.0,counterfactual:800:0.9
     (default law: the one shipped for the default model and family, which a fresh install plans
@@ -63,6 +65,7 @@ def main() -> None:
     p.add_argument("--cases", default=CASES, help="kind:ℓ:target fact recall, comma-separated")
     p.add_argument("--points", type=Path, help="append each training's law point to this file")
     p.add_argument("--start-rank", type=int, help="start the oracle walk here, not at the choice")
+    p.add_argument("--plan-only", action="store_true", help="print each case's choice, no training")
     args = p.parse_args()
     folder, load = setup(args)
     model, tok = load()
@@ -140,7 +143,13 @@ def main() -> None:
             chosen = law.best_effort_rank(ell, loss_before, max_rank=args.max_rank).rank
             fallback = " (law: no rank reaches it; best effort)"
         predicted = law.predict(chosen, ell, loss_before)[1]
-        print(f"{kind} ℓ={ell} target {target}: chosen rank {chosen}{fallback}", flush=True)
+        print(
+            f"{kind} ℓ={ell} L0={loss_before:.2f} target {target}: chosen rank {chosen}{fallback}, "
+            f"predicted {predicted:.3f}",
+            flush=True,
+        )
+        if args.plan_only:
+            continue
         results: dict[int, float] = {}
         oracle = find_oracle(facts, target, args.start_rank or chosen, results, kind, seed)
         if chosen not in results:
@@ -157,6 +166,8 @@ def main() -> None:
             flush=True,
         )
 
+    if not rows:
+        return
     print("columns: | kind | ℓ | target | chosen | oracle | predicted | achieved | bits/param |")
     met = sum(1 for r in rows if r[6] >= r[2])
     near = sum(
