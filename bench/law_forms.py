@@ -4,7 +4,14 @@ under-predicted), and prints R² (log reduction), the leave-one-out mean |Δ log
 when the points span several kinds of facts, the mean |predicted − achieved fact recall| on each
 kind from a fit to the other kinds only (the law meeting a kind of fact it has never seen):
 
-    cd bench && ../.venv/bin/python law_forms.py [POINTS]   (default: the default family's points)
+    cd bench && ../.venv/bin/python law_forms.py [POINTS ...] [--measure tokens|hard|bits]
+    (default: the default family's calibration points)
+
+`--measure` says what ℓ counts: target tokens (the law's, default); `hard`, the target tokens the
+base model gets wrong (p ≤ 0.5, what MemFT works on; observable when a job is planned); `bits`,
+facts × the information their generator chose (fact_sets.fact_bits; known only for the seeded
+kinds, so an analysis, not something a planner could use). Both rebuild each point's facts from
+its source (kind, ℓ, seed), so they need the base model.
 
 absolute:           ΔL = C·r^α·ℓ^−β + b         (the paper's form)
 relative:           ΔL / L0 = C·r^α·ℓ^−β + b    (the share of the base loss removed)
@@ -12,7 +19,9 @@ relative:           ΔL / L0 = C·r^α·ℓ^−β + b    (the share of the base 
 If dropping r costs nothing, the law's rank choice carries no information at that budget.
 """
 
-import sys
+import argparse
+import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -66,12 +75,45 @@ def arrays(points):
     return r, np.array([p.sequence_length for p in points], float)
 
 
+def remeasured(points, measure: str):
+    """The points with ℓ counted as `measure` (see the module doc)."""
+    import torch
+    from common import parser, setup
+
+    from memupdate.memory.calibration import fact_set_source
+    from memupdate.memory.encoding import encode_facts, fact_count, model_context_length
+    from memupdate.memory.fact_sets import fact_bits
+    from memupdate.memory.recall import PASS_PROBABILITY, token_probabilities
+
+    _, load = setup(parser(__doc__).parse_args([]))
+    model, tok = load()
+    context = model_context_length(model)
+    out = []
+    for point in points:
+        kind, ell, seed = re.search(r"(\w+)-r\d+-l(\d+)-s(\d+)$", point.source).groups()
+        facts = fact_set_source(lambda f: encode_facts(f, tok, context), kind, int(seed), int(ell))
+        if measure == "bits":
+            size = round(fact_count(facts) * fact_bits(kind))
+        else:
+            probs = torch.cat(token_probabilities(model, facts, tok.pad_token_id))
+            size = int((probs <= PASS_PROBABILITY).sum())
+        print(f"  {point.source}: ℓ {point.sequence_length} tokens, {size} {measure}")
+        out.append(dataclasses.replace(point, sequence_length=size))
+    return out
+
+
 def main() -> None:
     default = Path(__file__).parents[1] / "docs/calibration/SmolLM2-135M-Instruct/points.jsonl"
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else default
-    points = list(load_points(path).values())
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("points", nargs="*", type=Path, default=[default])
+    p.add_argument("--measure", choices=("tokens", "hard", "bits"), default="tokens")
+    args = p.parse_args()
+    points = [point for path in args.points for point in load_points(path).values()]
+    if args.measure != "tokens":
+        points = remeasured(points, args.measure)
     kinds = sorted({p.kind for p in points})
-    print(f"{len(points)} points from {path}; kinds {kinds}")
+    print(f"{len(points)} points from {', '.join(map(str, args.points))}; ℓ as {args.measure}")
+    print(f"kinds {kinds}")
     header = "form                R² log  LOO |Δlog|  fact recall |Δ|"
     print(header + "".join(f"  {k or '-'} unseen" for k in kinds if len(kinds) > 1))
     for name, (response, with_rank) in FORMS.items():
