@@ -88,15 +88,21 @@ def remeasured(points, measure: str):
     _, load = setup(parser(__doc__).parse_args([]))
     model, tok = load()
     context = model_context_length(model)
+    sizes: dict[tuple, int] = {}  # the ranks trained on one fact set share its size
     out = []
     for point in points:
-        kind, ell, seed = re.search(r"(\w+)-r\d+-l(\d+)-s(\d+)$", point.source).groups()
-        facts = fact_set_source(lambda f: encode_facts(f, tok, context), kind, int(seed), int(ell))
-        if measure == "bits":
-            size = round(fact_count(facts) * fact_bits(kind))
-        else:
-            probs = torch.cat(token_probabilities(model, facts, tok.pad_token_id))
-            size = int((probs <= PASS_PROBABILITY).sum())
+        case = re.search(r"(\w+)-r\d+-l(\d+)-s(\d+)$", point.source).groups()
+        if case not in sizes:
+            kind, ell, seed = case
+            facts = fact_set_source(
+                lambda f: encode_facts(f, tok, context), kind, int(seed), int(ell)
+            )
+            if measure == "bits":
+                sizes[case] = round(fact_count(facts) * fact_bits(kind))
+            else:
+                probs = torch.cat(token_probabilities(model, facts, tok.pad_token_id))
+                sizes[case] = int((probs <= PASS_PROBABILITY).sum())
+        size = sizes[case]
         print(f"  {point.source}: ℓ {point.sequence_length} tokens, {size} {measure}")
         out.append(dataclasses.replace(point, sequence_length=size))
     return out
