@@ -21,7 +21,6 @@ If dropping r costs nothing, the law's rank choice carries no information at tha
 
 import argparse
 import dataclasses
-import re
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +79,7 @@ def remeasured(points, measure: str):
     import torch
     from common import parser, setup
 
-    from memupdate.memory.calibration import fact_set_source
+    from memupdate.memory.calibration import fact_set_source, run_case
     from memupdate.memory.encoding import encode_facts, fact_count, model_context_length
     from memupdate.memory.fact_sets import fact_bits
     from memupdate.memory.recall import PASS_PROBABILITY, token_probabilities
@@ -91,12 +90,10 @@ def remeasured(points, measure: str):
     sizes: dict[tuple, int] = {}  # the ranks trained on one fact set share its size
     out = []
     for point in points:
-        case = re.search(r"(\w+)-r\d+-l(\d+)-s(\d+)$", point.source).groups()
+        case = run_case(point.source)
         if case not in sizes:
             kind, ell, seed = case
-            facts = fact_set_source(
-                lambda f: encode_facts(f, tok, context), kind, int(seed), int(ell)
-            )
+            facts = fact_set_source(lambda f: encode_facts(f, tok, context), kind, seed, ell)
             if measure == "bits":
                 sizes[case] = round(fact_count(facts) * fact_bits(kind))
             else:

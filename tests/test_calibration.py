@@ -5,7 +5,7 @@ import json
 import pytest
 
 from memupdate.cli import main
-from memupdate.memory.calibration import load_points
+from memupdate.memory.calibration import load_points, run_case, run_key
 from memupdate.memory.law import LawError, ParametricMemoryLaw
 
 
@@ -166,3 +166,15 @@ def test_calibrate_over_several_kinds_of_facts(tiny_dir, tmp_path, monkeypatch, 
 
     assert main([*args, "--kinds", "phonebook,recipes"]) == 2
     assert "unknown fact-set kind(s) ['recipes']" in capsys.readouterr().err
+
+
+def test_a_seeded_runs_source_gives_back_its_facts_case():
+    # Benches rebuild a point's facts from its source; a job's point has no seeded facts.
+    assert run_case("rank-choice:" + run_key("biography", 8, 5009, 1500)) == (
+        "biography",
+        5009,
+        1500,
+    )
+    assert run_case(run_key("phonebook", 1, 3000, 0)) == ("phonebook", 3000, 0)
+    with pytest.raises(LawError, match="not a seeded run"):
+        run_case("job:kb")

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -133,6 +134,16 @@ def training_point(
 
 def run_key(kind: str, rank: int, ell: int, seed: int) -> str:
     return f"{kind}-r{rank}-l{ell}-s{seed}"
+
+
+def run_case(source: str) -> tuple[str, int, int]:
+    """(kind, ℓ, seed) of a seeded run from its point's source (`run_key`, maybe prefixed):
+    enough to rebuild the facts it trained on with `fact_set_source`."""
+    found = re.search(r"(\w+)-r\d+-l(\d+)-s(\d+)$", source)
+    if found is None:
+        raise LawError(f"{source!r} is not a seeded run's key (kind-rR-lL-sS)")
+    kind, ell, seed = found.groups()
+    return kind, int(ell), int(seed)
 
 
 def load_points(path: Path) -> dict[str, LawPoint]:
