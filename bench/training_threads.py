@@ -83,10 +83,9 @@ def main() -> None:
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     seconds = {}
     for variant in chosen:
-        child = [sys.executable, __file__, "--variant", variant, "--facts-file", args.facts_file]
-        out = subprocess.run(
-            [*child, "--rank", str(args.rank)], capture_output=True, text=True, check=True
-        )
+        child = [sys.executable, __file__, "--variant", variant]
+        child += ["--facts-file", args.facts_file, "--rank", str(args.rank)]
+        out = subprocess.run(child, capture_output=True, text=True, check=True)
         _, name, steps, secs = next(
             line for line in out.stdout.splitlines() if line.startswith("RESULT")
         ).split()
