@@ -14,7 +14,8 @@ held-out question is asked through /v1/chat/completions (greedy): trained questi
 back exactly; a held-out answer counts when it contains the target.
 
 A variant may change the training: `all-forms:margin=0.4` (train until every target token has
-p > 0.9), `all-forms:locality=0` (no locality term), `all-forms:rank=16`.
+p > 0.9), `all-forms:locality=0` (no locality term), `all-forms:rank=16`, `all-forms:layers=10`
+(adapt layer 10 instead of the family's; `layers=8+20` for two).
 
     cd bench && ../.venv/bin/python forms.py --kinds all --serve
 
@@ -122,9 +123,12 @@ def main() -> None:
             name, *changes = variant.split(":")
             change = dict(c.split("=") for c in changes)
             settings = {"margin": float(change["margin"])} if "margin" in change else {}
+            family = default_family(model.config.num_hidden_layers)
             if "locality" in change:
-                family = default_family(model.config.num_hidden_layers)
-                settings["family"] = replace(family, locality_weight=float(change["locality"]))
+                family = replace(family, locality_weight=float(change["locality"]))
+            if "layers" in change:
+                family = replace(family, layers=tuple(map(int, change["layers"].split("+"))))
+            settings["family"] = family
             facts = sets[name]
             t0 = time.monotonic()
             result, locality, peft_model = train_and_measure(
