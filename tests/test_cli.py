@@ -140,3 +140,14 @@ def test_an_unknown_projection_is_refused_before_anything_starts(tiny_dir, tmp_p
     assert main(serve) == 2
     assert "unknown projection(s) ['attn']" in capsys.readouterr().err
     assert not (tmp_path / "svc").exists()
+
+
+def test_a_layer_the_model_lacks_is_refused_before_anything_starts(tiny_dir, tmp_path, capsys):
+    calibrate = ["calibrate", "--model", str(tiny_dir), "--out", str(tmp_path / "cal")]
+    assert main([*calibrate, "--layers", "1,9"]) == 2  # the tiny model has 4 layers
+    assert "no layer [9] to adapt; this model's layers are 0 to 3" in capsys.readouterr().err
+    assert not (tmp_path / "cal").exists()
+    serve = ["serve", "--data-dir", str(tmp_path / "svc"), "--adapter-layers", "2,2"]
+    assert main(serve) == 2
+    assert "a layer is named twice in [2, 2]" in capsys.readouterr().err
+    assert not (tmp_path / "svc").exists()

@@ -46,7 +46,7 @@ class Base:
     def family(self, args) -> AdapterFamily:
         layers = "default"
         if args.layers:
-            layers = None if args.layers == "all" else tuple(int(x) for x in args.layers.split(","))
+            layers = None if args.layers == "all" else parse_ints(args.layers)
         modules = tuple(args.modules.split(",")) if args.modules else None
         return choose_family(
             self.model.config.num_hidden_layers, modules, layers, args.lr, args.locality_weight

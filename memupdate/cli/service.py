@@ -1,6 +1,8 @@
 """`memupdate serve` (the gRPC knowledge-update service) and `memupdate worker` (a training
 worker on another host, sharing the server's Postgres job store and registry)."""
 
+from memupdate.cli.common import parse_ints
+
 
 def _config(args):
     from memupdate.service.config import ServiceConfig
@@ -24,6 +26,7 @@ def _config(args):
         vllm_host=args.vllm_host,
         vllm_port=args.vllm_port,
         adapter_modules=args.adapter_modules.split(",") if args.adapter_modules else None,
+        adapter_layers=parse_ints(args.adapter_layers) if args.adapter_layers else None,
         adapter_learning_rate=args.adapter_lr,
         adapter_locality_weight=args.adapter_locality_weight,
     )
@@ -68,6 +71,10 @@ def _shared_options(cmd) -> None:
         "--adapter-modules",
         help="projections each adapter trains, comma list (default: all attention and MLP); "
         "the law is looked up for this family",
+    )
+    cmd.add_argument(
+        "--adapter-layers",
+        help="layers each adapter trains, comma list (default: one layer at 2/3 depth)",
     )
     cmd.add_argument("--adapter-lr", type=float, help="the adapter family's learning rate")
     cmd.add_argument(

@@ -79,6 +79,19 @@ def check_modules(modules) -> list[str]:
     return list(modules)
 
 
+def check_layers(layers, num_layers: int | None = None) -> list[int]:
+    """Refuse negative or repeated layer indices and, given the model's depth, layers it lacks
+    (before any training starts)."""
+    layers = list(layers)
+    wrong = sorted({i for i in layers if i < 0 or (num_layers is not None and i >= num_layers)})
+    if wrong:
+        depth = f"0 to {num_layers - 1}" if num_layers is not None else "0 or more"
+        raise ValueError(f"no layer {wrong} to adapt; this model's layers are {depth}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"a layer is named twice in {layers}")
+    return layers
+
+
 def choose_family(
     num_layers: int,
     modules: tuple[str, ...] | None = None,
@@ -93,7 +106,9 @@ def choose_family(
     if modules:
         family = replace(family, target_modules=tuple(modules))
     if layers != "default":
-        family = replace(family, layers=layers)
+        family = replace(
+            family, layers=None if layers is None else tuple(check_layers(layers, num_layers))
+        )
     if learning_rate:
         family = replace(family, learning_rate=learning_rate)
     if locality_weight is not None:

@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from memupdate.database import is_postgres
 from memupdate.home import home
-from memupdate.memory.adapter import check_modules
+from memupdate.memory.adapter import check_layers, check_modules
 from memupdate.service.jobs import DEFAULT_LEASE_S
 
 
@@ -51,6 +51,8 @@ class ServiceConfig(BaseSettings):
     # default family's modules, learning rate and locality weight
     # (memupdate.memory.adapter.default_family).
     adapter_modules: list[str] = []
+    # Layers to adapt (empty: the default family's one layer at two thirds of the depth).
+    adapter_layers: list[int] = []
     adapter_learning_rate: float | None = Field(default=None, gt=0)
     adapter_locality_weight: float | None = Field(default=None, ge=0)
     # How long a job waits for unreachable vLLM replicas (retrying with backoff) before failing.
@@ -111,6 +113,11 @@ class ServiceConfig(BaseSettings):
     @classmethod
     def _modules(cls, modules: list[str]) -> list[str]:
         return check_modules(modules)
+
+    @field_validator("adapter_layers")
+    @classmethod
+    def _layers(cls, layers: list[int]) -> list[int]:
+        return check_layers(layers)
 
     @classmethod
     def load(cls, file: str | Path | None = None, **overrides) -> "ServiceConfig":

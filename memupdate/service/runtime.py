@@ -54,6 +54,7 @@ def load_runtime(config: ServiceConfig, registry: Registry, backend: ServingBack
         choose_family(
             model.config.num_hidden_layers,
             tuple(config.adapter_modules) or None,
+            tuple(config.adapter_layers) or "default",
             learning_rate=config.adapter_learning_rate,
             locality_weight=config.adapter_locality_weight,
         ),
