@@ -85,7 +85,7 @@ def check_layers(layers, num_layers: int | None = None) -> list[int]:
     layers = list(layers)
     wrong = sorted({i for i in layers if i < 0 or (num_layers is not None and i >= num_layers)})
     if wrong:
-        depth = f"0 to {num_layers - 1}" if num_layers is not None else "0 or more"
+        depth = f"0 to {num_layers - 1}" if num_layers is not None else "numbered from 0"
         raise ValueError(f"no layer {wrong} to adapt; this model's layers are {depth}")
     if len(set(layers)) != len(layers):
         raise ValueError(f"a layer is named twice in {layers}")
