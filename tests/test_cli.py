@@ -131,23 +131,32 @@ def test_unknown_model_folder_is_a_clear_error(tmp_path, facts_file, capsys):
     assert "is not a Hugging Face model folder" in capsys.readouterr().err
 
 
-def test_an_unknown_projection_is_refused_before_anything_starts(tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("calibrate_flags", "calibrate_error", "serve_flags", "serve_error"),
+    [
+        (
+            ["--modules", "down_proj,mlp"],
+            "unknown projection(s) ['mlp']",
+            ["--adapter-modules", "attn"],
+            "unknown projection(s) ['attn']",
+        ),
+        (
+            ["--layers", "1,9"],  # the tiny model has 4 layers
+            "no layer [9] to adapt; this model's layers are 0 to 3",
+            ["--adapter-layers", "2,2"],
+            "a layer is named twice in [2, 2]",
+        ),
+    ],
+    ids=["projection", "layer"],
+)
+def test_a_bad_adapter_family_is_refused_before_anything_starts(
+    tiny_dir, tmp_path, capsys, calibrate_flags, calibrate_error, serve_flags, serve_error
+):
     calibrate = ["calibrate", "--model", str(tiny_dir), "--out", str(tmp_path / "cal")]
-    assert main([*calibrate, "--modules", "down_proj,mlp"]) == 2
-    assert "unknown projection(s) ['mlp']" in capsys.readouterr().err
+    assert main([*calibrate, *calibrate_flags]) == 2
+    assert calibrate_error in capsys.readouterr().err
     assert not (tmp_path / "cal").exists()
-    serve = ["serve", "--data-dir", str(tmp_path / "svc"), "--adapter-modules", "attn"]
+    serve = ["serve", "--data-dir", str(tmp_path / "svc"), *serve_flags]
     assert main(serve) == 2
-    assert "unknown projection(s) ['attn']" in capsys.readouterr().err
-    assert not (tmp_path / "svc").exists()
-
-
-def test_a_layer_the_model_lacks_is_refused_before_anything_starts(tiny_dir, tmp_path, capsys):
-    calibrate = ["calibrate", "--model", str(tiny_dir), "--out", str(tmp_path / "cal")]
-    assert main([*calibrate, "--layers", "1,9"]) == 2  # the tiny model has 4 layers
-    assert "no layer [9] to adapt; this model's layers are 0 to 3" in capsys.readouterr().err
-    assert not (tmp_path / "cal").exists()
-    serve = ["serve", "--data-dir", str(tmp_path / "svc"), "--adapter-layers", "2,2"]
-    assert main(serve) == 2
-    assert "a layer is named twice in [2, 2]" in capsys.readouterr().err
+    assert serve_error in capsys.readouterr().err
     assert not (tmp_path / "svc").exists()
