@@ -64,6 +64,8 @@ VARIANTS = {
     "memft-lr2e-3": ("memft", {"lr": 2e-3}),
     "uniform-lr2e-3": ("uniform", {"lr": 2e-3}),
     "memft-fp32": ("memft", {"bf16": False}),
+    "memft-eager": ("memft", {"compile": False}),
+    "memft-compiled": ("memft", {"compile": True}),
     "uniform-fp32": ("uniform", {"bf16": False}),
 }
 

@@ -5,7 +5,9 @@ the same facts, rank and batches, measured in one run in alternating rounds.
   AdamW step (the trainer before the frozen-prefix change);
 - prefix fp32: only the adapted layer and those above it, on cached hidden states;
 - prefix bf16: the same under bf16 autocast;
-- prefix bf16 eager: and plain attention instead of SDPA (the trainer's step on CPU).
+- prefix bf16 eager: and plain attention instead of SDPA (the trainer's step on CPU);
+- compiled: and the layers from the adapted one up compiled with torch.compile (the trainer's
+  step for large fact sets; the compile itself happens in the warm-up round and is reported).
 
     .venv/bin/python bench/throughput.py [--facts 40] [--rank 8] [--kinds phonebook] [--rounds 3]
 """
@@ -19,6 +21,7 @@ from common import fact_set, kinds, parser, setup
 from memupdate.memory.adapter import default_family
 from memupdate.memory.frozen_prefix import (
     FrozenPrefix,
+    TopLayers,
     eager_attention_on_cpu,
     first_adapted_layer,
 )
@@ -52,20 +55,27 @@ def main() -> None:
     def old_step(indices):
         return target_logprobs(peft_model, collate([facts[i] for i in indices], tok.pad_token_id))
 
-    def prefix_step(indices, bf16):
+    compiled = TopLayers(peft_model, prefix.first, compiled=True)
+
+    def prefix_step(indices, bf16, top=None):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return prefix.target_logprobs(peft_model, indices)[0].float()
+            return prefix.target_logprobs(peft_model, indices, top)[0].float()
 
     # name: (step, what the whole run of steps happens in)
     variants = {
         "old step (full model, fp32)": (old_step, nullcontext),
         "prefix fp32": (lambda b: prefix_step(b, False), nullcontext),
         "prefix bf16": (lambda b: prefix_step(b, True), nullcontext),
-        "prefix bf16 eager (trainer)": (
+        "prefix bf16 eager": (
             lambda b: prefix_step(b, True),
             lambda: eager_attention_on_cpu(peft_model),
         ),
+        "compiled (trainer)": (
+            lambda b: prefix_step(b, True, compiled),
+            lambda: eager_attention_on_cpu(peft_model),
+        ),
     }
+    warm_up = {}
     seconds = dict.fromkeys(variants, 0.0)
     tokens = dict.fromkeys(variants, 0)
     peft_model.train()
@@ -83,10 +93,13 @@ def main() -> None:
             if rnd > 0:
                 seconds[name] += time.monotonic() - start
                 tokens[name] += done
+            else:
+                warm_up[name] = time.monotonic() - start
     print(
         f"{kind}: {len(facts)} facts, ℓ={sum(len(f.target_ids) for f in facts)}, rank "
         f"{args.rank}, batch {args.batch_size}, {args.rounds} rounds x {args.steps} steps each, "
-        f"threads {torch.get_num_threads()}; prefix cache built once in {prefix_s:.2f} s"
+        f"threads {torch.get_num_threads()}; prefix cache built once in {prefix_s:.2f} s; "
+        f"warm-up round of the compiled step (compiling it) {warm_up['compiled (trainer)']:.1f} s"
     )
     base = tokens["old step (full model, fp32)"] / seconds["old step (full model, fp32)"]
     for name in variants:

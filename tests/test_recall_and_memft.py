@@ -6,7 +6,8 @@ import torch
 from memupdate.memory.adapter import default_family, params_per_rank
 from memupdate.memory.encoding import encode_facts
 from memupdate.memory.fact_sets import phonebook_facts
-from memupdate.memory.frozen_prefix import FrozenPrefix
+from memupdate.memory.frozen_prefix import FrozenPrefix, TopLayers, first_adapted_layer
+from memupdate.memory.locality import retain_set
 from memupdate.memory.memft import (
     TrainSettings,
     threshold_weights,
@@ -91,6 +92,44 @@ def test_frozen_prefix_gives_the_full_models_target_logprobs(tiny, first, attent
         peft_model.get_base_model().set_attn_implementation(attention)
         cached, _ = prefix.target_logprobs(peft_model, [4, 0, 2])
     assert torch.allclose(cached, full, atol=1e-5)
+
+
+def test_the_compiled_step_computes_what_the_eager_step_computes(tiny):
+    """torch.compile changes how the layers above the prefix run, not their values or the
+    adapter's gradients (fp32); and it really compiled, rather than falling back to eager."""
+    from peft import get_peft_model
+
+    model, tok = tiny
+    facts = encoded(tok, 6)
+    family = default_family(model.config.num_hidden_layers)
+    peft_model = get_peft_model(model, family.lora_config(4))
+    lora = [p for name, p in peft_model.named_parameters() if "lora_" in name]
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    prefix = FrozenPrefix(peft_model, facts, tok.pad_token_id, first_adapted_layer(family))
+    runs = []
+    for compiled in (False, True):
+        top = TopLayers(peft_model, prefix.first, compiled=compiled)
+        logp, _ = prefix.target_logprobs(peft_model, [4, 0, 2], top)
+        logp.sum().backward()
+        runs.append((logp.detach(), [p.grad.clone() for p in lora]))
+        peft_model.zero_grad(set_to_none=True)
+    assert top._compiled is not None
+    (eager, eager_grads), (fast, fast_grads) = runs
+    assert torch.allclose(fast, eager, atol=1e-5)
+    for a, b in zip(fast_grads, eager_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_a_compiled_training_with_the_locality_term_reaches_full_recall(tiny, caplog):
+    model, tok = tiny
+    family = replace(default_family(model.config.num_hidden_layers), learning_rate=1e-2)
+    config = TrainSettings(rank=8, family=family, max_steps=600, compile=True)
+    retain = retain_set(model, tok, family)
+    _, result = train_adapter(model, encoded(tok, 6), tok.pad_token_id, config, retain=retain)
+    assert result.success and result.recall.fact_recall == 1.0
+    assert "torch.compile failed" not in caplog.text
 
 
 def test_memft_reaches_full_recall_and_greedy_reproduces_every_target(tiny):

@@ -140,10 +140,11 @@ class Reference:
                     self.top_logp.extend(torch.split(top.values, batch.sizes))
                     self.top_ids.extend(torch.split(top.indices, batch.sizes))
 
-    def compare(self, model, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    def compare(self, model, indices: list[int], top=None):
         """(KL per position, argmax agreement per position, positions per sequence) of `model`
-        against the base on these sequences; the KL carries gradients."""
-        logits, batch = self.prefix.target_logits(model, indices)
+        against the base on these sequences; the KL carries gradients. `top`: what runs the
+        layers above the prefix (a training's TopLayers; by default eager)."""
+        logits, batch = self.prefix.target_logits(model, indices, top)
         base_logp = torch.cat([self.top_logp[i] for i in indices])
         base_ids = torch.cat([self.top_ids[i] for i in indices])
         agree = logits.argmax(dim=-1) == base_ids[:, 0]
@@ -234,11 +235,11 @@ class RetainSet:
         self.per_step = per_step
         self.rng = random.Random(seed)
 
-    def kl(self, model) -> tuple[torch.Tensor, int]:
+    def kl(self, model, top=None) -> tuple[torch.Tensor, int]:
         """(mean KL(base || model) per position, tokens run) over a fresh sample of retain
         sequences."""
         indices = self.rng.sample(range(len(self.reference.sequences)), self.per_step)
-        kl, _, _ = self.reference.compare(model, indices)
+        kl, _, _ = self.reference.compare(model, indices, top)
         return kl.mean(), sum(self.reference.sequences[i].length for i in indices)
 
 
