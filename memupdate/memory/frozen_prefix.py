@@ -75,9 +75,9 @@ class TopLayers:
     unsupported operator), the step falls back to eager and says so once."""
 
     def __init__(self, model, first: int, compiled: bool = False):
-        decoder = _base(model).get_decoder()
-        self.decoder, self.head = decoder, _base(model).get_output_embeddings()
-        self.layers = decoder.layers[first:]
+        base = _base(model)
+        self.decoder, self.head = base.get_decoder(), base.get_output_embeddings()
+        self.layers = self.decoder.layers[first:]
         self._compiled = torch.compile(self._run, dynamic=True) if compiled else None
 
     def _run(self, states: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
