@@ -253,6 +253,18 @@ def test_a_law_flat_in_rank_falls_back_to_the_smallest_rank():
     assert steep.best_effort_rank(4000, 3.0, max_rank=8).rank == 8
 
 
+def test_beyond_its_points_a_flat_law_falls_back_to_the_largest_rank():
+    """The same flat law, fitted on points up to ℓ 1,000: at ℓ 330 the best effort is still rank
+    1, at ℓ 22,000 (1,000 phone numbers with their chat forms) it is the largest allowed."""
+    flat = ParametricMemoryLaw(C=125.5, alpha=0.0002, beta=0.0076, b=-118.4, L50=0.376, k=6.72)
+    flat.points = [LawPoint(1, ell, 3.0, 0.05, 1.0) for ell in (150, 1000)]
+    assert not flat.extrapolates(1000) and flat.extrapolates(1001)
+    assert flat.best_effort_rank(330, 2.5, max_rank=8).rank == 1
+    with pytest.raises(UnreachableTarget):
+        flat.choose_rank(22000, 0.9, 3.0, max_rank=8)
+    assert flat.best_effort_rank(22000, 3.0, max_rank=8).rank == 8
+
+
 def test_only_fresh_trainings_within_the_law_budget_refine_it(tmp_path, monkeypatch):
     """A job that trained past the law's budget is not a point of the law (with an epoch budget
     of 10, 40 facts (3 batches) allow 30 steps), nor is a warm start."""

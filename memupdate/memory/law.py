@@ -179,6 +179,10 @@ class ParametricMemoryLaw:
         """Differences in log ΔL below the law's own held-out error are not evidence."""
         return self.fit.get("holdout_mean_abs_log_dl") or FLAT_TOLERANCE
 
+    def extrapolates(self, sequence_length: int) -> bool:
+        """ℓ beyond the longest the law has a point at (a law without points never says so)."""
+        return sequence_length > max((p.sequence_length for p in self.points), default=math.inf)
+
     def best_effort_rank(
         self,
         sequence_length: int,
@@ -191,12 +195,18 @@ class ParametricMemoryLaw:
         rank's. Where the law is flat in rank (the training budget limits, not the adapter),
         that is a small rank: the law has no evidence that more parameters help (measured on
         the 12 example facts, rank 1 needed 1.3x the steps of rank 16 with 1/16 of the
-        parameters; bench/rank_speed.py). Where rank matters, the largest."""
+        parameters; bench/rank_speed.py). Where rank matters, the largest. Beyond the longest
+        ℓ the law was fitted on, also the largest: a flat extrapolation is no evidence that
+        rank does not matter (1,000 phone numbers, ℓ 22,000, got rank 2 before this rule: about
+        1.6 bits per parameter, six times the most any training here has stored)."""
         ranks = sorted(r for r in candidates if max_rank is None or r <= max_rank)
         predicted = {r: self.predict(r, sequence_length, loss_before) for r in ranks}
         reduction = {r: max(self.reduction(r, sequence_length), 1e-9) for r in ranks}
         best = max(reduction.values())
-        rank = next(r for r in ranks if math.log(best / reduction[r]) <= self.flat_tolerance())
+        if self.extrapolates(sequence_length):
+            rank = ranks[-1]
+        else:
+            rank = next(r for r in ranks if math.log(best / reduction[r]) <= self.flat_tolerance())
         after, recall = predicted[rank]
         candidates_recall = {k: v[1] for k, v in predicted.items()}
         return Plan(rank, sequence_length, recall, after, loss_before, candidates_recall)

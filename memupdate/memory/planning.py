@@ -6,7 +6,8 @@ Laws are looked up by base-model identity and adapter family: first in $MEMUPDAT
 a clear message and the conservative fallback: the largest rank on the ladder within the serving
 limit (MemFT still stops as soon as every token passes, so a too-large rank costs parameters,
 not correctness). When the law says no rank reaches the target, the smallest rank predicted to
-do about as well as the best one is taken (see ParametricMemoryLaw.best_effort_rank).
+do about as well as the best one is taken, or the largest where ℓ is beyond the law's points
+(see ParametricMemoryLaw.best_effort_rank).
 """
 
 import fcntl
@@ -171,11 +172,17 @@ def plan_update(
         # a pessimistic prediction is no reason to refuse: take the smallest rank predicted to
         # do about as well as any (FLAT_TOLERANCE), and say so.
         best = law.best_effort_rank(ell, loss_before, max_rank=max_rank)
+        why = (
+            f"the largest: ℓ is beyond the longest the law was fitted on "
+            f"({max(p.sequence_length for p in law.points)})"
+            if law.extrapolates(ell)
+            else f"the smallest whose predicted loss reduction is within the law's error "
+            f"({law.flat_tolerance():.3f} in log) of the best"
+        )
         note = (
             f"{source}; within the law's budget no rank up to {max_rank} is predicted to reach "
             f"fact recall {target_recall} at ℓ={ell} (best {max(best.candidates.values()):.3f}); "
-            f"jobs train past that budget, so rank {best.rank}: the smallest whose predicted loss "
-            f"reduction is within the law's error ({law.flat_tolerance():.3f} in log) of the best"
+            f"jobs train past that budget, so rank {best.rank}: {why}"
         )
         return planned(best.rank, best.predicted_fact_recall, note, best.candidates)
     return planned(plan.rank, plan.predicted_fact_recall, source, plan.candidates)
