@@ -1,3 +1,4 @@
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
@@ -123,11 +124,15 @@ def test_the_compiled_step_computes_what_the_eager_step_computes(tiny):
 
 
 def test_a_compiled_training_with_the_locality_term_reaches_full_recall(tiny, caplog):
+    """In a worker thread, as the service trains: torch.compile works off the main thread."""
     model, tok = tiny
     family = replace(default_family(model.config.num_hidden_layers), learning_rate=1e-2)
     config = TrainSettings(rank=8, family=family, max_steps=600, compile=True)
     retain = retain_set(model, tok, family)
-    _, result = train_adapter(model, encoded(tok, 6), tok.pad_token_id, config, retain=retain)
+    with ThreadPoolExecutor(1) as worker:
+        _, result = worker.submit(
+            train_adapter, model, encoded(tok, 6), tok.pad_token_id, config, retain=retain
+        ).result()
     assert result.success and result.recall.fact_recall == 1.0
     assert "torch.compile failed" not in caplog.text
 
