@@ -7,6 +7,7 @@ import torch
 from memupdate.memory.adapter import default_family, params_per_rank
 from memupdate.memory.encoding import encode_facts
 from memupdate.memory.fact_sets import phonebook_facts
+from memupdate.memory.facts import Fact
 from memupdate.memory.frozen_prefix import FrozenPrefix, TopLayers, first_adapted_layer
 from memupdate.memory.locality import retain_set
 from memupdate.memory.memft import (
@@ -51,6 +52,16 @@ def test_target_logprobs_match_a_full_forward(tiny):
     assert torch.allclose(fast, expected, atol=1e-5)
     # Each fact's target tokens, in order, are what the batch labels.
     assert batch.labels.tolist() == [t for f in facts for t in f.target_ids]
+
+
+def test_probabilities_come_back_in_the_facts_order_whatever_the_batching(tiny):
+    """Batches are formed by length; each fact still gets its own probabilities."""
+    model, tok = tiny
+    facts = encoded(tok, 3) + encode_facts([Fact(text="a much longer text " * 6)], tok, 256)
+    facts = [facts[3], facts[0], facts[2], facts[1]]  # long first: batches reorder them
+    alone = [token_probabilities(model, [f], tok.pad_token_id)[0] for f in facts]
+    for got, want in zip(token_probabilities(model, facts, 0, batch_size=2), alone, strict=True):
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
 
 
 def test_summary_distinguishes_token_and_fact_recall(tiny):

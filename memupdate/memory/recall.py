@@ -94,12 +94,18 @@ def target_logprobs(model, batch: Batch) -> torch.Tensor:
 def token_probabilities(
     model, facts: list[EncodedFact], pad_id: int, batch_size: int = 32
 ) -> list[torch.Tensor]:
-    """Teacher-forced probability of each target token, one tensor per fact."""
-    out: list[torch.Tensor] = []
+    """Teacher-forced probability of each target token, one tensor per fact (in `facts`' order).
+    Batches are formed in order of length: a fact's prompt form and its much longer chat form
+    side by side would pad the one to the other."""
+    order = sorted(range(len(facts)), key=lambda i: facts[i].length)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(facts)
     with torch.no_grad():
-        for start in range(0, len(facts), batch_size):
-            batch = collate(facts[start : start + batch_size], pad_id)
-            out.extend(torch.split(target_logprobs(model, batch).exp(), batch.sizes))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = collate([facts[i] for i in chunk], pad_id)
+            probs = torch.split(target_logprobs(model, batch).exp(), batch.sizes)
+            for i, p in zip(chunk, probs, strict=True):
+                out[i] = p
     return out
 
 
