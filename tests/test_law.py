@@ -214,13 +214,15 @@ def test_plan_takes_the_best_rank_when_no_rank_is_predicted_to_reach(tiny):
 
 def test_a_training_gets_at_least_the_law_budget(tiny):
     """The law promises recall within its budget (epochs over the base), so a job's step
-    budget is the law's for that base, at least MIN_TRAINING_STEPS."""
+    budget is the law's for that base, at least MIN_TRAINING_STEPS. (And a large base is planned
+    from a sample of its sequences.)"""
     from memupdate.memory.adapter import default_family
     from memupdate.memory.base_model import ModelIdentity
     from memupdate.memory.calibration import MIN_TRAINING_STEPS
     from memupdate.memory.encoding import encode_facts
     from memupdate.memory.fact_sets import phonebook_facts
-    from memupdate.memory.planning import plan_update
+    from memupdate.memory.planning import LOSS_SAMPLE_SEQUENCES, plan_update
+    from memupdate.memory.recall import measure_recall
 
     model, tok = tiny
     law = ParametricMemoryLaw.fit_points(
@@ -236,6 +238,11 @@ def test_a_training_gets_at_least_the_law_budget(tiny):
 
     small, large = plan(40), plan(300)
     assert small.budget_steps == 150 * 3 and small.budgeted().training_steps == MIN_TRAINING_STEPS
+    # A large base's base loss comes from a sample of its sequences, close to the full mean.
+    assert small.loss_measured_on == 40 and large.loss_measured_on == LOSS_SAMPLE_SEQUENCES
+    every = encode_facts(phonebook_facts(300), tok, 256)
+    full = measure_recall(model, every, tok.pad_token_id).mean_loss_nats
+    assert large.loss_before_nats == pytest.approx(full, rel=0.05)
     assert large.budget_steps == 150 * 19 == large.budgeted().training_steps
     assert large.budgeted(requested=7).to_dict()["training_steps"] == 7
 

@@ -72,7 +72,12 @@ def cmd_plan(args) -> int:
     posted = fact_count(facts)
     print(f"facts:                   {posted} ({report.facts} sequences: every form of each)")
     print(f"sequence length ℓ:       {report.sequence_length} target tokens")
-    print(f"base loss on targets:    {report.loss_before_nats:.3f} nats/token")
+    sample = (
+        f" (on a sample of {report.loss_measured_on} sequences)"
+        if report.loss_measured_on < report.facts
+        else ""
+    )
+    print(f"base loss on targets:    {report.loss_before_nats:.3f} nats/token{sample}")
     print(f"chosen rank:             {report.rank}  (serving limit {args.max_rank})")
     print(f"adapter parameters:      {report.adapter_params:,}")
     print(f"target fact recall:      {report.target_recall}")

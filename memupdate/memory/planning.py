@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import random
 import re
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
@@ -28,6 +29,11 @@ from memupdate.memory.law import LawError, LawPoint, ParametricMemoryLaw, Unreac
 from memupdate.memory.recall import measure_recall
 
 DEFAULT_MAX_RANK = 64
+# The law needs the base model's mean loss on the targets, not every fact's: above this many
+# sequences it is measured on a seeded sample of them (a full pass over 1,000 facts with their chat
+# forms took 3.5 minutes of every update's plan on a 2-core CPU; bench/plan_sample.py measures the
+# sample's error).
+LOSS_SAMPLE_SEQUENCES = 256
 log = logging.getLogger("memupdate.memory.planning")
 
 
@@ -44,6 +50,7 @@ class PlanReport:
     candidates: dict[int, float] | None = None
     budget_steps: int | None = None  # the law's training budget for this base, in steps
     training_steps: int = 0  # the step budget the training gets (see `budgeted`)
+    loss_measured_on: int = 0  # sequences the base loss was measured on (a sample of large bases)
 
     def budgeted(self, floor: int = MIN_TRAINING_STEPS, requested: int = 0) -> "PlanReport":
         """This plan with its training's step budget: `requested`, else the law's budget for
@@ -130,6 +137,12 @@ def record_training(
     return path
 
 
+def base_loss_sample(facts: list[EncodedFact], size: int = LOSS_SAMPLE_SEQUENCES):
+    """The sequences the plan measures the base loss on: all of them, or a seeded sample (the
+    same facts give the same plan)."""
+    return facts if len(facts) <= size else random.Random(0).sample(facts, size)
+
+
 def plan_update(
     model,
     facts: list[EncodedFact],
@@ -141,7 +154,8 @@ def plan_update(
     law: ParametricMemoryLaw | None = None,
 ) -> PlanReport:
     ell = sequence_length(facts)
-    loss_before = measure_recall(model, facts, pad_id).mean_loss_nats
+    measured = base_loss_sample(facts)
+    loss_before = measure_recall(model, measured, pad_id).mean_loss_nats
     per_rank = params_per_rank(model, family)
 
     def planned(rank: int, predicted: float | None, law_note: str, candidates=None):
@@ -156,6 +170,7 @@ def plan_update(
             law_note,
             candidates,
             budget_steps(law.training, len(facts)) if law else None,
+            loss_measured_on=len(measured),
         )
 
     largest = max(r for r in RANK_LADDER if r <= max_rank)
