@@ -104,6 +104,10 @@ def test_frozen_prefix_gives_the_full_models_target_logprobs(tiny, first, attent
         peft_model.get_base_model().set_attn_implementation(attention)
         cached, _ = prefix.target_logprobs(peft_model, [4, 0, 2])
     assert torch.allclose(cached, full, atol=1e-5)
+    # The check of every fact (batched by length) hands each fact its own probabilities.
+    cached_all = prefix.token_probabilities(peft_model)
+    full_all = token_probabilities(peft_model, facts, 0)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(cached_all, full_all, strict=True))
 
 
 def test_the_compiled_step_computes_what_the_eager_step_computes(tiny):

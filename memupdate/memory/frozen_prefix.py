@@ -16,7 +16,7 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 from memupdate.memory.encoding import EncodedFact
-from memupdate.memory.recall import Batch, collate
+from memupdate.memory.recall import Batch, collate, length_batches
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +102,13 @@ class FrozenPrefix:
         self.pad_id = pad_id
         self.first = first
         decoder = _base(model).get_decoder()
-        self.states: list[torch.Tensor] = []
+        self.states: list[torch.Tensor] = [torch.empty(0)] * len(facts)
         with torch.no_grad():
-            for start in range(0, len(facts), batch):
-                chunk = facts[start : start + batch]
-                ids = collate(chunk, pad_id).input_ids
+            for chunk in length_batches(facts, batch):
+                ids = collate([facts[i] for i in chunk], pad_id).input_ids
                 hidden = _run_layers(decoder, decoder.embed_tokens(ids), decoder.layers[:first])
-                for h, fact in zip(hidden, chunk, strict=True):
-                    self.states.append(h[: fact.length].clone())
+                for h, i in zip(hidden, chunk, strict=True):
+                    self.states[i] = h[: facts[i].length].clone()
 
     def batch(self, indices: list[int]) -> tuple[Batch, torch.Tensor]:
         """The collated batch of these facts and their padded cached states."""
@@ -135,10 +134,10 @@ class FrozenPrefix:
 
     def token_probabilities(self, model, batch_size: int = 32) -> list[torch.Tensor]:
         """Teacher-forced probability of each target token, one tensor per fact (no gradient)."""
-        out: list[torch.Tensor] = []
+        out: list[torch.Tensor] = [torch.empty(0)] * len(self.facts)
         with torch.no_grad():
-            for start in range(0, len(self.facts), batch_size):
-                indices = list(range(start, min(start + batch_size, len(self.facts))))
+            for indices in length_batches(self.facts, batch_size):
                 logp, batch = self.target_logprobs(model, indices)
-                out.extend(torch.split(logp.exp(), batch.sizes))
+                for i, p in zip(indices, torch.split(logp.exp(), batch.sizes), strict=True):
+                    out[i] = p
         return out

@@ -91,17 +91,20 @@ def target_logprobs(model, batch: Batch) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).gather(1, batch.labels[:, None]).squeeze(1)
 
 
+def length_batches(facts: list[EncodedFact], size: int) -> list[list[int]]:
+    """Indices of `facts` in batches of similar length, for passes where the grouping does not
+    matter: a fact's prompt form beside its much longer chat form would be padded to it."""
+    order = sorted(range(len(facts)), key=lambda i: facts[i].length)
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
 def token_probabilities(
     model, facts: list[EncodedFact], pad_id: int, batch_size: int = 32
 ) -> list[torch.Tensor]:
-    """Teacher-forced probability of each target token, one tensor per fact (in `facts`' order).
-    Batches are formed in order of length: a fact's prompt form and its much longer chat form
-    side by side would pad the one to the other."""
-    order = sorted(range(len(facts)), key=lambda i: facts[i].length)
+    """Teacher-forced probability of each target token, one tensor per fact (in `facts`' order)."""
     out: list[torch.Tensor] = [torch.empty(0)] * len(facts)
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        for chunk in length_batches(facts, batch_size):
             batch = collate([facts[i] for i in chunk], pad_id)
             probs = torch.split(target_logprobs(model, batch).exp(), batch.sizes)
             for i, p in zip(chunk, probs, strict=True):
