@@ -12,6 +12,8 @@ from memupdate.memory.frozen_prefix import FrozenPrefix, TopLayers, first_adapte
 from memupdate.memory.locality import retain_set
 from memupdate.memory.memft import (
     TrainSettings,
+    _epoch_order,
+    _PassState,
     threshold_weights,
     train_adapter,
     weighted_loss,
@@ -74,6 +76,23 @@ def test_summary_distinguishes_token_and_fact_recall(tiny):
     assert report.token_recall == pytest.approx((n0 + n1 - 1) / (n0 + n1))
     assert report.min_prob == 0.5 and report.min_prob_fact == facts[1].source
     assert report.failing == [facts[1].source]
+
+
+def test_length_buckets_batch_every_fact_once_with_facts_of_similar_length(tiny):
+    """An epoch in length buckets still visits every fact once; within each window of 8 batches
+    the batches hold neighbours in length, so a batch spans less than the window does."""
+    import random
+
+    model, tok = tiny
+    config = settings(model, batch_size=4, length_buckets=True)
+    lengths = [random.Random(i).randrange(8, 60) for i in range(64)]
+    state = _PassState(encoded(tok, 64), config)
+    batches = _epoch_order(state, replace(config, mode="uniform"), random.Random(0), lengths)
+    assert sorted(i for b in batches for i in b) == list(range(64)) and len(batches) == 16
+    spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
+    mixed = _epoch_order(state, replace(config, length_buckets=False), random.Random(0), lengths)
+    mixed_spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in mixed]
+    assert sum(spread) < sum(mixed_spread) / 3
 
 
 def test_memft_loss_puts_no_gradient_on_passed_tokens():
