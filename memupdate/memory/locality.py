@@ -252,6 +252,13 @@ def prepare(model, tokenizer, family) -> None:
         _reference(model, tokenizer, first, "retain")
 
 
+def base_continuations(model, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(prompt, the base model's greedy continuation) for each locality prompt, decoded in one
+    batch: serving measures its locality on these sequences."""
+    found = _greedy_continuations(model, tokenizer, locality_prompts(), "measure-prompt")
+    return [(list(s.prompt_ids), list(s.target_ids)) for s in found]
+
+
 def retain_set(model, tokenizer, family, seed: int = 0) -> RetainSet | None:
     """The retain set a training of this family needs (None when its locality weight is 0)."""
     if not family.locality_weight:
