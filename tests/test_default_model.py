@@ -1,5 +1,5 @@
 """Acceptance on the real default model (SmolLM2-135M-Instruct from the bundled GGUF). MemFT
-teaching new facts verbatim on it is in test_serving_default_model.py, which trains once and
+teaching new facts verbatim on it is in test_demo.py, which trains once through the service and
 checks the guarantee both in the trainer and through vLLM."""
 
 import pytest
