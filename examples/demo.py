@@ -51,8 +51,8 @@ def ask_chat(url: str, model: str, question: str) -> str:
 
 
 def main(after_live=None) -> int:
-    """The demo; `after_live(vllm_url, data_dir, job)`, if given, is called once the knowledge
-    base is live and answered, before everything stops."""
+    """The demo; `after_live(vllm_url, data_dir, job, answers)`, if given, is called once the
+    knowledge base is live and answered, before everything stops."""
     data = Path(tempfile.mkdtemp(prefix="memupdate-demo-"))
     port = free_port()
     log = data / "serve.log"
@@ -135,13 +135,16 @@ def main(after_live=None) -> int:
 
         print(f"\n{'prompt':58s} | {'base model':24s} | updated (knowledge base 'demo-news')")
         exact = 0
+        answers = {}  # prompt or question -> (base model's answer, knowledge base's answer)
         for fact in facts:
-            base = ask(vllm_url, "base", fact.prompt).split("\n")[0]
+            base = ask(vllm_url, "base", fact.prompt)
             updated = ask(vllm_url, "demo-news", fact.prompt)
+            answers[fact.prompt] = (base, updated)
             ok = updated.startswith(fact.target)
             exact += ok
+            first_line = base.split("\n")[0].strip()
             print(
-                f"{fact.prompt[:58]:58s} | {base.strip()[:24]:24s} | "
+                f"{fact.prompt[:58]:58s} | {first_line[:24]:24s} | "
                 f"{updated[: len(fact.target)].strip()} {'✓' if ok else '✗'}"
             )
         print(
@@ -150,12 +153,14 @@ def main(after_live=None) -> int:
         answered = 0
         for fact in facts:
             question = fact.questions[0]
-            base = ask_chat(vllm_url, "base", question).split("\n")[0]
+            base = ask_chat(vllm_url, "base", question)
             updated = ask_chat(vllm_url, "demo-news", question)
+            answers[question] = (base, updated)
             ok = updated == fact.target.strip()
             answered += ok
             mark = "✓" if ok else "✗"
-            print(f"{question[:58]:58s} | {base.strip()[:24]:24s} | {updated[:40]} {mark}")
+            first_line = base.split("\n")[0].strip()
+            print(f"{question[:58]:58s} | {first_line[:24]:24s} | {updated[:40]} {mark}")
         sr = final.serving_recall
         forms = ", ".join(f"{f.form} {f.fact_recall:.3f}" for f in sr.forms)
         print(
@@ -170,7 +175,7 @@ def main(after_live=None) -> int:
             f"{locality.prompts_unchanged:.2f} of those prompts answered exactly as before"
         )
         if after_live is not None:
-            after_live(vllm_url, data / "data", final)
+            after_live(vllm_url, data / "data", final, answers)
         return 0 if exact == answered == len(facts) else 1
     finally:
         try:
