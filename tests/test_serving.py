@@ -25,7 +25,7 @@ from memupdate.serving.backends import (
     verify_and_go_live,
 )
 from memupdate.serving.registry import Registry
-from memupdate.serving.vllm_client import VLLMClient
+from memupdate.serving.vllm_client import VLLMClient, ask_base_locality
 from memupdate.serving.vllm_server import ManagedVLLM, ServerConfig
 
 pytestmark = pytest.mark.vllm
@@ -291,7 +291,7 @@ def test_go_live_measures_locality_through_vllm_as_the_trainer_does(stack, adapt
     from peft import PeftModel
 
     from memupdate.memory.frozen_prefix import first_adapted_layer
-    from memupdate.memory.locality import _reference, base_continuations
+    from memupdate.memory.locality import _reference
 
     registry, backend, _ = stack
     model, tok = load_model(tiny_dir)
@@ -311,7 +311,7 @@ def test_go_live_measures_locality_through_vllm_as_the_trainer_does(stack, adapt
     # instead of one sequence at a time through vLLM: the same sequences, the same answers.
     [client] = backend.replicas()
     primed = VLLMClient(client.url)
-    primed.base_locality(tok, base_continuations(model, tok))
+    ask_base_locality([primed], model, tok)
     assert primed.base_locality(tok) == client.base_locality(tok)
 
     peft_model = PeftModel.from_pretrained(model, path)

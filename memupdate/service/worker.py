@@ -157,7 +157,6 @@ def run_worker_process(config) -> None:
     from prometheus_client import start_http_server
 
     from memupdate.database import redact
-    from memupdate.memory.locality import base_continuations
     from memupdate.memory.locality import prepare as prepare_locality
     from memupdate.service.runtime import load_runtime, open_job_store, open_registry
     from memupdate.serving.backends import ExternalBackend
@@ -183,8 +182,7 @@ def run_worker_process(config) -> None:
     backend = ExternalBackend(config.vllm_urls, config.max_lora_rank)
     runtime = load_runtime(config, registry, backend)
     prepare_locality(runtime.model, runtime.tokenizer, runtime.family)
-    continued = base_continuations(runtime.model, runtime.tokenizer)
-    ask_base_locality(backend.replicas(), runtime.tokenizer, continued)
+    ask_base_locality(backend.replicas(), runtime.model, runtime.tokenizer)
     if config.metrics_port:
         start_http_server(config.metrics_port, addr=config.grpc_host)
     worker = Worker(store, runtime, lease_s=config.lease_s)

@@ -10,7 +10,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 
 from memupdate.memory.encoding import EncodedFact
-from memupdate.memory.locality import GREEDY_TOKENS, locality_prompts
+from memupdate.memory.locality import GREEDY_TOKENS, base_continuations, locality_prompts
 from memupdate.memory.recall import RecallReport, summarize
 
 
@@ -226,12 +226,12 @@ class VLLMClient:
         )
 
 
-def ask_base_locality(
-    clients: list[VLLMClient], tokenizer, continued: list[tuple[list[int], list[int]]]
-) -> None:
+def ask_base_locality(clients: list[VLLMClient], model, tokenizer) -> None:
     """Ask each replica for the base model's locality answers now (at start-up, before any
-    job), so the first go-live check does not wait for them; a replica that cannot be reached
-    is asked again by the first check that needs it."""
+    job), on the prompts continued by `model` (the base, in-process) in one batch, so the first
+    go-live check does not wait for them; a replica that cannot be reached is asked again by
+    the first check that needs it."""
+    continued = base_continuations(model, tokenizer)
     for client in clients:
         try:
             client.base_locality(tokenizer, continued)
