@@ -66,8 +66,6 @@ VARIANTS = {
     "memft-fp32": ("memft", {"bf16": False}),
     "memft-eager": ("memft", {"compile": False}),
     "memft-compiled": ("memft", {"compile": True}),
-    "memft-buckets": ("memft", {"length_buckets": True}),
-    "uniform-buckets": ("uniform", {"length_buckets": True}),
     "uniform-fp32": ("uniform", {"bf16": False}),
 }
 

@@ -5,9 +5,13 @@ the same facts, rank and batches, measured in one run in alternating rounds.
   AdamW step (the trainer before the frozen-prefix change);
 - prefix fp32: only the adapted layer and those above it, on cached hidden states;
 - prefix bf16: the same under bf16 autocast;
-- prefix bf16 eager: and plain attention instead of SDPA (the trainer's step on CPU);
+- prefix bf16 eager: and plain attention instead of SDPA;
+- packed: and each batch's sequences laid end to end in as few rows as fit, instead of one per
+  row padded to the longest (the trainer's step on CPU);
 - compiled: and the layers from the adapted one up compiled with torch.compile (the trainer's
   step for large fact sets; the compile itself happens in the warm-up round and is reported).
+Every prefix variant but the last two runs one sequence per row, as the trainer did before
+packing.
 
     .venv/bin/python bench/throughput.py [--facts 40] [--rank 8] [--kinds phonebook] [--rounds 3]
 """
@@ -49,7 +53,7 @@ def main() -> None:
         for i in range(0, len(facts), args.batch_size)
     ]
     t0 = time.monotonic()
-    prefix = FrozenPrefix(peft_model, facts, tok.pad_token_id, first_adapted_layer(family))
+    prefix = FrozenPrefix(peft_model, facts, first_adapted_layer(family))
     prefix_s = time.monotonic() - t0
 
     def old_step(indices):
@@ -57,9 +61,9 @@ def main() -> None:
 
     compiled = TopLayers(peft_model, prefix.first, compiled=True)
 
-    def prefix_step(indices, bf16, top=None):
+    def prefix_step(indices, bf16, top=None, together=False):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return prefix.target_logprobs(peft_model, indices, top)[0].float()
+            return prefix.target_logprobs(peft_model, indices, top, together)[0].float()
 
     # name: (step, what the whole run of steps happens in)
     variants = {
@@ -70,8 +74,12 @@ def main() -> None:
             lambda b: prefix_step(b, True),
             lambda: eager_attention_on_cpu(peft_model),
         ),
-        "compiled (trainer)": (
-            lambda b: prefix_step(b, True, compiled),
+        "packed (trainer)": (
+            lambda b: prefix_step(b, True, together=True),
+            lambda: eager_attention_on_cpu(peft_model),
+        ),
+        "packed, compiled (trainer)": (
+            lambda b: prefix_step(b, True, compiled, together=True),
             lambda: eager_attention_on_cpu(peft_model),
         ),
     }
@@ -99,7 +107,8 @@ def main() -> None:
         f"{kind}: {len(facts)} facts, ℓ={sum(len(f.target_ids) for f in facts)}, rank "
         f"{args.rank}, batch {args.batch_size}, {args.rounds} rounds x {args.steps} steps each, "
         f"threads {torch.get_num_threads()}; prefix cache built once in {prefix_s:.2f} s; "
-        f"warm-up round of the compiled step (compiling it) {warm_up['compiled (trainer)']:.1f} s"
+        f"warm-up round of the compiled step (compiling it) "
+        f"{warm_up['packed, compiled (trainer)']:.1f} s"
     )
     base = tokens["old step (full model, fp32)"] / seconds["old step (full model, fp32)"]
     for name in variants:

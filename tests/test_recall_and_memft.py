@@ -8,12 +8,10 @@ from memupdate.memory.adapter import default_family, params_per_rank
 from memupdate.memory.encoding import encode_facts
 from memupdate.memory.fact_sets import phonebook_facts
 from memupdate.memory.facts import Fact
-from memupdate.memory.frozen_prefix import FrozenPrefix, TopLayers, first_adapted_layer
+from memupdate.memory.frozen_prefix import FrozenPrefix, TopLayers, first_adapted_layer, pack
 from memupdate.memory.locality import retain_set
 from memupdate.memory.memft import (
     TrainSettings,
-    _epoch_order,
-    _PassState,
     threshold_weights,
     train_adapter,
     weighted_loss,
@@ -78,23 +76,6 @@ def test_summary_distinguishes_token_and_fact_recall(tiny):
     assert report.failing == [facts[1].source]
 
 
-def test_length_buckets_batch_every_fact_once_with_facts_of_similar_length(tiny):
-    """An epoch in length buckets still visits every fact once; within each window of 8 batches
-    the batches hold neighbours in length, so a batch spans less than the window does."""
-    import random
-
-    model, tok = tiny
-    config = settings(model, batch_size=4, length_buckets=True)
-    lengths = [random.Random(i).randrange(8, 60) for i in range(64)]
-    state = _PassState(encoded(tok, 64), config)
-    batches = _epoch_order(state, replace(config, mode="uniform"), random.Random(0), lengths)
-    assert sorted(i for b in batches for i in b) == list(range(64)) and len(batches) == 16
-    spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
-    mixed = _epoch_order(state, replace(config, length_buckets=False), random.Random(0), lengths)
-    mixed_spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in mixed]
-    assert sum(spread) < sum(mixed_spread) / 3
-
-
 def test_memft_loss_puts_no_gradient_on_passed_tokens():
     logp = torch.log(torch.tensor([0.9, 0.3, 0.55, 0.1])).requires_grad_()
     weighted_loss(logp, threshold_weights(logp, threshold=0.6)).backward()
@@ -117,16 +98,27 @@ def test_frozen_prefix_gives_the_full_models_target_logprobs(tiny, first, attent
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:  # a non-zero adapter, so the adapted layer matters
             torch.nn.init.normal_(p, std=0.1)
-    prefix = FrozenPrefix(peft_model, facts, tok.pad_token_id, first)
+    prefix = FrozenPrefix(peft_model, facts, first)
     with torch.no_grad():
         full = target_logprobs(peft_model, collate([facts[i] for i in (4, 0, 2)], 0))
         peft_model.get_base_model().set_attn_implementation(attention)
         cached, _ = prefix.target_logprobs(peft_model, [4, 0, 2])
     assert torch.allclose(cached, full, atol=1e-5)
-    # The check of every fact (batched by length) hands each fact its own probabilities.
+    # The check of every fact (batched by length, packed: two or three to a row) hands each
+    # fact its own probabilities.
+    assert prefix.batch(list(range(6)))[0].positions.shape[0] < 6
     cached_all = prefix.token_probabilities(peft_model)
     full_all = token_probabilities(peft_model, facts, 0)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(cached_all, full_all, strict=True))
+
+
+def test_packing_places_every_sequence_once_within_the_width():
+    lengths = [55, 43, 13, 18, 50, 14, 21, 16]
+    width, rows = pack(lengths)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= width for row in rows)
+    assert len(rows) * width < len(lengths) * max(lengths)  # fewer slots than padding
+    assert pack([7]) == (7, [[0]])
 
 
 def test_the_compiled_step_computes_what_the_eager_step_computes(tiny):
@@ -142,7 +134,7 @@ def test_the_compiled_step_computes_what_the_eager_step_computes(tiny):
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
-    prefix = FrozenPrefix(peft_model, facts, tok.pad_token_id, first_adapted_layer(family))
+    prefix = FrozenPrefix(peft_model, facts, first_adapted_layer(family))
     runs = []
     for compiled in (False, True):
         top = TopLayers(peft_model, prefix.first, compiled=compiled)

@@ -126,10 +126,10 @@ class Reference:
     TOP_K log-probabilities and their token ids) and the hidden states entering the first
     adapted layer."""
 
-    def __init__(self, model, sequences: list[EncodedFact], pad_id: int, first: int):
+    def __init__(self, model, sequences: list[EncodedFact], first: int):
         self.sequences = sequences
         with _base_only(model):
-            self.prefix = FrozenPrefix(model, sequences, pad_id, first)
+            self.prefix = FrozenPrefix(model, sequences, first)
             self.top_logp: list[torch.Tensor] = []
             self.top_ids: list[torch.Tensor] = []
             with torch.no_grad():
@@ -181,7 +181,7 @@ def _reference(model, tokenizer, first: int, kind: str) -> Reference:
             EncodedFact(i, s.source, s.prompt_ids, s.target_ids) for i, s in enumerate(sequences)
         ]
         # The model object is kept with its reference, so its id cannot be reused meanwhile.
-        _references[key] = (base, Reference(model, sequences, tokenizer.pad_token_id, first))
+        _references[key] = (base, Reference(model, sequences, first))
         while len(_references) > _KEEP:
             _references.popitem(last=False)
     _references.move_to_end(key)

@@ -80,9 +80,6 @@ class TrainSettings:
     # choice): with AdamW, dividing by a shrinking count of unlearned tokens makes the late steps
     # large and knocks passed facts back (bench/memft_vs_uniform.py, memft-paper-meanall).
     mean_over_all: bool = True
-    # Form each epoch's batches from facts of similar length (within shuffled windows of 8
-    # batches), so a short prompt form is not padded to a long chat form.
-    length_buckets: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -209,9 +206,7 @@ class _Eta:
         return None if done <= 0 else (now - self.start[0]) * active / done
 
 
-def _epoch_order(
-    state: _PassState, settings: TrainSettings, rng: random.Random, lengths: list[int]
-) -> list[list[int]]:
+def _epoch_order(state: _PassState, settings: TrainSettings, rng: random.Random) -> list[list[int]]:
     """The batches of one epoch: every fact (uniform, or replay None), else the facts still
     training plus a replay sample of the solid ones."""
     everyone = list(range(len(state.passed)))
@@ -224,15 +219,7 @@ def _epoch_order(
         order = training + rng.sample(solid, replay)
     rng.shuffle(order)
     batch_size = settings.batch_size
-    if not settings.length_buckets:
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    window = 8 * batch_size
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def train_adapter(
@@ -278,7 +265,7 @@ def _train(peft_model, facts, pad_id, settings, on_progress, token_weights, reta
         optimizer, lambda s: max(0.0, 1.0 - s / settings.max_steps)
     )
     start = time.monotonic()
-    prefix = FrozenPrefix(peft_model, facts, pad_id, first_adapted_layer(settings.family))
+    prefix = FrozenPrefix(peft_model, facts, first_adapted_layer(settings.family))
     compiled = settings.compile
     if compiled is None:
         compiled = len(facts) >= COMPILE_FROM_SEQUENCES
@@ -286,7 +273,6 @@ def _train(peft_model, facts, pad_id, settings, on_progress, token_weights, reta
         log.info("compiling the training step for %d sequences (about a minute)", len(facts))
     top = TopLayers(peft_model, prefix.first, compiled=compiled)
     state = _PassState(facts, settings)
-    lengths = [f.length for f in facts]
     history: list[dict] = []
     counts = {"steps": 0, "optimizer_steps": 0, "tokens": 0, "epochs": 0}
 
@@ -325,7 +311,7 @@ def _train(peft_model, facts, pad_id, settings, on_progress, token_weights, reta
                     stop_reason = "all target tokens passed"
                     break
             counts["epochs"] += 1
-            for chosen in _epoch_order(state, settings, rng, lengths):
+            for chosen in _epoch_order(state, settings, rng):
                 if counts["steps"] >= settings.max_steps:
                     stop_reason = "budget: steps"
                 elif settings.max_seconds and time.monotonic() - start > settings.max_seconds:
