@@ -18,7 +18,12 @@ from memupdate.memory.locality import prepare as prepare_locality
 from memupdate.service.config import ServiceConfig
 from memupdate.service.metrics import REPLICA_UP, register_collectors, unregister_collectors
 from memupdate.service.monitor import MonitorSettings, RecallMonitor
-from memupdate.service.runtime import load_runtime, open_job_store, open_registry
+from memupdate.service.runtime import (
+    in_passing_thread,
+    load_runtime,
+    open_job_store,
+    open_registry,
+)
 from memupdate.service.worker import Worker
 from memupdate.serving.backends import ExternalBackend, ManagedBackend, ServingBackend, restore_live
 from memupdate.serving.registry import Registry
@@ -120,16 +125,20 @@ def start(config: ServiceConfig) -> Service:
 def _start_on(config, store, registry, folder, server, port, metrics_server) -> Service:
     """Load the models, start vLLM (or reach the replicas), wire the servicer and start."""
     backend = build_backend(config, folder, registry)
-    plan_rt = load_runtime(config, registry, backend)
-    workers = [
-        Worker(store, load_runtime(config, registry, backend), lease_s=config.lease_s)
-        for _ in range(config.workers)
-    ]
-    for worker in workers:
-        prepare_locality(worker.runtime.model, worker.runtime.tokenizer, worker.runtime.family)
-    # Before any job: asked while a job trains, vLLM and the training contend for the same
-    # cores (measured in `make demo` on 2 cores: planning 23-50 s instead of 6 s).
-    ask_base_locality(backend.replicas(), plan_rt.model, plan_rt.tokenizer)
+
+    def load_and_prepare():
+        plan_rt = load_runtime(config, registry, backend)
+        runtimes = [load_runtime(config, registry, backend) for _ in range(config.workers)]
+        for rt in runtimes:
+            prepare_locality(rt.model, rt.tokenizer, rt.family)
+        # Before any job: asked while a job trains, vLLM and the training contend for the same
+        # cores (measured in `make demo` on 2 cores: planning 23-50 s instead of 6 s).
+        ask_base_locality(backend.replicas(), plan_rt.model, plan_rt.tokenizer)
+        return plan_rt, runtimes
+
+    # Not in this thread, which lives on: the trainings would run 1.35x slower.
+    plan_rt, runtimes = in_passing_thread(load_and_prepare)
+    workers = [Worker(store, rt, lease_s=config.lease_s) for rt in runtimes]
     monitor = RecallMonitor(
         registry,
         backend,

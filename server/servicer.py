@@ -12,6 +12,7 @@ from memupdate.memory.law import LawError
 from memupdate.service import jobs as J
 from memupdate.service.metrics import forget_knowledge_base
 from memupdate.service.monitor import RecallMonitor
+from memupdate.service.runtime import in_passing_thread
 from memupdate.service.update import Runtime, UpdateRequest, plan, prepare
 from memupdate.serving.backends import rollback, verify_and_go_live
 from memupdate.serving.probes import worst_fact_recall, worst_locality
@@ -277,8 +278,11 @@ class Servicer(pb_grpc.KnowledgeUpdateServicer):
                 facts=facts,
                 target_fact_recall=request.target_fact_recall,
             )
-            report, replaced = plan(
-                self.plan_rt, UpdateRequest(req.knowledge_base, facts, req.target_fact_recall)
+            # Torch work in a gRPC thread, which lives on, would slow the trainings.
+            report, replaced = in_passing_thread(
+                plan,
+                self.plan_rt,
+                UpdateRequest(req.knowledge_base, facts, req.target_fact_recall),
             )
         except (InvalidRequest, FactError, LawError, RegistryError, ValueError) as err:
             self._abort_for(context, err)
