@@ -4,8 +4,9 @@ the same facts, rank and batches, measured in one run in alternating rounds.
 - old step: the whole model forward (30 layers, output head at target positions), fp32, backward,
   AdamW step (the trainer before the frozen-prefix change);
 - prefix fp32: only the adapted layer and those above it, on cached hidden states;
-- prefix bf16: the same under bf16 autocast;
-- prefix bf16 eager: and plain attention instead of SDPA;
+- prefix bf16: the same under bf16 autocast (only where the CPU computes bf16 in hardware, as the
+  trainer chooses: emulated bf16 is far slower than fp32);
+- prefix eager: and plain attention instead of SDPA, in the trainer's precision on this CPU;
 - packed: and each batch's sequences laid end to end in as few rows as fit, instead of one per
   row padded to the longest (the trainer's step on CPU);
 - compiled: and the layers from the adapted one up compiled with torch.compile (the trainer's
@@ -28,6 +29,7 @@ from memupdate.memory.frozen_prefix import (
     TopLayers,
     eager_attention_on_cpu,
     first_adapted_layer,
+    native_bf16,
 )
 from memupdate.memory.recall import collate, target_logprobs
 
@@ -65,24 +67,22 @@ def main() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return prefix.target_logprobs(peft_model, indices, top, together)[0].float()
 
+    bf16 = native_bf16()  # the trainer's choice on this CPU
+    eager = lambda: eager_attention_on_cpu(peft_model)  # noqa: E731
     # name: (step, what the whole run of steps happens in)
     variants = {
         "old step (full model, fp32)": (old_step, nullcontext),
         "prefix fp32": (lambda b: prefix_step(b, False), nullcontext),
         "prefix bf16": (lambda b: prefix_step(b, True), nullcontext),
-        "prefix bf16 eager": (
-            lambda b: prefix_step(b, True),
-            lambda: eager_attention_on_cpu(peft_model),
-        ),
-        "packed (trainer)": (
-            lambda b: prefix_step(b, True, together=True),
-            lambda: eager_attention_on_cpu(peft_model),
-        ),
+        "prefix eager": (lambda b: prefix_step(b, bf16), eager),
+        "packed (trainer)": (lambda b: prefix_step(b, bf16, together=True), eager),
         "packed, compiled (trainer)": (
-            lambda b: prefix_step(b, True, compiled, together=True),
-            lambda: eager_attention_on_cpu(peft_model),
+            lambda b: prefix_step(b, bf16, compiled, together=True),
+            eager,
         ),
     }
+    if not bf16:
+        del variants["prefix bf16"]
     warm_up = {}
     seconds = dict.fromkeys(variants, 0.0)
     tokens = dict.fromkeys(variants, 0)
@@ -106,7 +106,8 @@ def main() -> None:
     print(
         f"{kind}: {len(facts)} facts, ℓ={sum(len(f.target_ids) for f in facts)}, rank "
         f"{args.rank}, batch {args.batch_size}, {args.rounds} rounds x {args.steps} steps each, "
-        f"threads {torch.get_num_threads()}; prefix cache built once in {prefix_s:.2f} s; "
+        f"threads {torch.get_num_threads()}, trainer steps in {'bf16' if bf16 else 'fp32'}; "
+        f"prefix cache built once in {prefix_s:.2f} s; "
         f"warm-up round of the compiled step (compiling it) "
         f"{warm_up['packed, compiled (trainer)']:.1f} s"
     )

@@ -8,7 +8,13 @@ from memupdate.memory.adapter import default_family, params_per_rank
 from memupdate.memory.encoding import encode_facts
 from memupdate.memory.fact_sets import phonebook_facts
 from memupdate.memory.facts import Fact
-from memupdate.memory.frozen_prefix import FrozenPrefix, TopLayers, first_adapted_layer, pack
+from memupdate.memory.frozen_prefix import (
+    FrozenPrefix,
+    TopLayers,
+    first_adapted_layer,
+    native_bf16,
+    pack,
+)
 from memupdate.memory.locality import retain_set
 from memupdate.memory.memft import (
     TrainSettings,
@@ -208,6 +214,23 @@ def test_training_is_seeded_and_deterministic(tiny_dir):
         weights.append({k: v.clone() for k, v in peft_model.state_dict().items() if "lora" in k})
     assert weights[0].keys() == weights[1].keys() and weights[0]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_steps_run_in_bf16_only_where_the_cpu_computes_bf16(tiny):
+    # Emulated bf16 is far slower than fp32 (an AVX2-only CPU: 120x on a matrix product), so
+    # by default a training uses it only where the hardware has it; asked for, it is used.
+    caps = torch.cpu.get_capabilities()
+    hardware = any(caps.get(k, False) for k in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
+    assert native_bf16() == hardware
+    model, tok = tiny
+    facts = encoded(tok, 3)
+    peft_model, result = train_adapter(model, facts, tok.pad_token_id, settings(model, max_steps=2))
+    assert result.bf16_steps == hardware
+    peft_model.unload()
+    _, forced = train_adapter(
+        model, facts, tok.pad_token_id, settings(model, max_steps=2, bf16=True)
+    )
+    assert forced.bf16_steps
 
 
 def test_unload_gives_back_the_untouched_base(tiny):

@@ -141,6 +141,7 @@ def cmd_train(args) -> int:
         "margin": args.margin,
         "plan": plan.to_dict() if plan else None,
         "steps": result.steps,
+        "step_precision": "bf16" if result.bf16_steps else "fp32",
         "tokens_processed": result.tokens_processed,
         "seconds": round(result.seconds, 2),
         "sequence_length": result.sequence_length,
@@ -189,7 +190,8 @@ def cmd_train(args) -> int:
         + ", ".join(f"{k} {v['fact_recall']:.3f} of {v['facts']}" for k, v in r.forms.items())
     )
     print(
-        f"steps {result.steps}, tokens {result.tokens_processed:,}, {result.seconds:.1f} s; "
+        f"steps {result.steps} ({'bf16' if result.bf16_steps else 'fp32'}), "
+        f"tokens {result.tokens_processed:,}, {result.seconds:.1f} s; "
         f"greedy exact {greedy.exact}/{greedy.checked}"
     )
     print(locality.line())

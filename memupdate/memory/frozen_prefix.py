@@ -31,6 +31,14 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16, AMX, Arm's BF16 or SVE-BF16).
+    Elsewhere bf16 is emulated: on an AVX2-only AMD EPYC a 512x576x1536 matrix product took
+    781 ms in bf16 against 6.4 ms in fp32, so training steps there stay in fp32."""
+    caps = torch.cpu.get_capabilities()
+    return any(caps.get(name, False) for name in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
+
+
 @contextmanager
 def eager_attention_on_cpu(model):
     """Plain (eager) attention while training on CPU: for these short sequences under bf16 it

@@ -34,6 +34,7 @@ from memupdate.memory.frozen_prefix import (
     TopLayers,
     eager_attention_on_cpu,
     first_adapted_layer,
+    native_bf16,
 )
 from memupdate.memory.locality import RetainSet
 from memupdate.memory.recall import PASS_PROBABILITY, RecallReport, measure_recall, summarize
@@ -72,7 +73,9 @@ class TrainSettings:
     # Facts whose every token is above `train_until` are revisited per epoch at this multiple of
     # the facts still training (MemFT only); None visits every fact every epoch.
     replay: float | None = 1.0
-    bf16: bool = True  # bf16 autocast for training steps; checks and the final report are fp32
+    # bf16 autocast for training steps (checks and the final report are fp32); None: where the
+    # CPU computes bf16 in hardware (frozen_prefix.native_bf16), since emulated bf16 is far slower.
+    bf16: bool | None = None
     # torch.compile the training step's layers (frozen_prefix.TopLayers); None: only for fact
     # sets of at least COMPILE_FROM_SEQUENCES sequences, where the compile pays for itself.
     compile: bool | None = None
@@ -128,6 +131,7 @@ class TrainResult:
     sequence_length: int  # ℓ
     loss_before_nats: float
     recall: RecallReport  # final full-model pass, p > 0.5
+    bf16_steps: bool  # training steps ran under bf16 autocast (else fp32)
     history: list[dict] = field(default_factory=list)  # one entry per check of every fact
 
     @property
@@ -266,6 +270,7 @@ def _train(peft_model, facts, pad_id, settings, on_progress, token_weights, reta
     )
     start = time.monotonic()
     prefix = FrozenPrefix(peft_model, facts, first_adapted_layer(settings.family))
+    bf16 = native_bf16() if settings.bf16 is None else settings.bf16
     compiled = settings.compile
     if compiled is None:
         compiled = len(facts) >= COMPILE_FROM_SEQUENCES
@@ -318,7 +323,7 @@ def _train(peft_model, facts, pad_id, settings, on_progress, token_weights, reta
                     stop_reason = "budget: time"
                 if stop_reason:
                     break
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     logp, batch = prefix.target_logprobs(peft_model, chosen, top)
                 logp = logp.float()
                 for i, p in zip(chosen, torch.split(logp.detach().exp(), batch.sizes), strict=True):
@@ -327,7 +332,7 @@ def _train(peft_model, facts, pad_id, settings, on_progress, token_weights, reta
                 loss = weighted_loss(logp, weights, settings.mean_over_all)
                 if loss is not None:
                     if retain is not None:  # stay close to the base model on unrelated text
-                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                             kl, retain_tokens = retain.kl(peft_model, top)
                         loss = loss + settings.family.locality_weight * kl
                         counts["tokens"] += retain_tokens
@@ -373,6 +378,7 @@ def _train(peft_model, facts, pad_id, settings, on_progress, token_weights, reta
         sequence_length=state.total_tokens,
         loss_before_nats=loss_before,
         recall=report,
+        bf16_steps=bf16,
         history=history,
     )
     return result
