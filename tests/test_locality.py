@@ -107,3 +107,91 @@ def test_the_locality_term_keeps_unrelated_answers_closer_to_the_base(tiny_dir):
         reports[weight] = measure_locality(peft_model, tok)
     assert reports[4.0].kl_nats < 0.7 * reports[0.0].kl_nats, reports
     assert reports[4.0].token_agreement > reports[0.0].token_agreement, reports
+
+
+def test_the_update_norm_is_the_updates_output_energy_on_the_retain_text(tiny):
+    # The analytic term (second moments once, two r x r products a step) must be what the
+    # adapted projections' outputs measure on the retain passages: sum over projections of
+    # sum ||ΔW x||² / sum ||W x||².
+    model, tok = tiny
+    family = replace(default_family(model.config.num_hidden_layers), norm_weight=1.0)
+    norm = retain_set(model, tok, family).norm
+    peft_model = adapted(model, 0.1)
+    energies = {}
+
+    def measure(name, module):
+        def hook(_, inputs, output):
+            x = inputs[0]
+            update = module.lora_B["default"](module.lora_A["default"](x))
+            own = module.base_layer(x)
+            e = energies.setdefault(name, [0.0, 0.0])
+            e[0] += float((update * module.scaling["default"]).square().sum())
+            e[1] += float(own.square().sum())
+
+        return hook
+
+    hooks = [
+        m.register_forward_hook(measure(n, m))
+        for n, m in peft_model.named_modules()
+        if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)
+    ]
+    with torch.no_grad(), peft_model.disable_adapter():  # inputs as the base model sees them
+        for text in passages("retain.txt"):
+            peft_model(torch.tensor([tok(text, add_special_tokens=False)["input_ids"]]))
+    for h in hooks:
+        h.remove()
+    assert len(energies) == len(family.target_modules)
+    measured = sum(update / own for update, own in energies.values())
+    assert measured > 0 and abs(float(norm(peft_model)) - measured) < 1e-4 * measured
+
+
+def test_the_norm_term_alone_needs_no_kl_reference_and_keeps_answers_closer(tiny_dir):
+    from memupdate.memory.base_model import load_model
+
+    reports, norms = {}, {}
+    for weight in (0.0, 10.0):
+        model, tok = load_model(tiny_dir)
+        family = replace(
+            default_family(model.config.num_hidden_layers),
+            learning_rate=1e-2,
+            locality_weight=0.0,
+            norm_weight=weight,
+        )
+        facts = encode_facts(phonebook_facts(8, seed=5), tok, 256)
+        retain = retain_set(model, tok, family)
+        assert (retain is None) == (weight == 0) and (weight == 0 or retain.reference is None)
+        settings = TrainSettings(rank=8, family=family, max_steps=600)
+        peft_model, result = train_adapter(model, facts, tok.pad_token_id, settings, retain=retain)
+        assert result.success  # the stopping rule is the same with the term
+        reports[weight] = measure_locality(peft_model, tok)
+        norms[weight] = float(
+            retain_set(model, tok, replace(family, norm_weight=1.0)).norm(peft_model)
+        )
+    assert norms[10.0] < 0.1 * norms[0.0], norms
+    assert reports[10.0].kl_nats < 0.2 * reports[0.0].kl_nats, reports
+    assert reports[10.0].token_agreement > reports[0.0].token_agreement + 0.2, reports
+
+
+def test_training_in_whitened_coordinates_changes_no_output_and_folds_back(tiny):
+    # A training's A matrices live in the retain text's whitened coordinates; entering must not
+    # change the model's outputs or the norm, and leaving folds them into a plain LoRA that
+    # computes what the whitened one computed.
+    model, tok = tiny
+    family = replace(default_family(model.config.num_hidden_layers), norm_weight=1.0)
+    norm = retain_set(model, tok, family).norm
+    peft_model = adapted(model, 0.1)
+    ids = torch.tensor([tok("A sentence the test feeds the model.")["input_ids"]])
+    with torch.no_grad():
+        before, norm_before = peft_model(ids).logits, float(norm(peft_model))
+        with norm.whitened(peft_model):
+            inside, norm_inside = peft_model(ids).logits, float(norm(peft_model))
+            for name, p in peft_model.named_parameters():
+                if "lora_A" in name:  # a step's change, made in whitened coordinates
+                    p.add_(0.01 * torch.randn_like(p))
+            moved = peft_model(ids).logits
+        after = peft_model(ids).logits
+    assert torch.allclose(inside, before, atol=1e-4)
+    assert abs(norm_inside - norm_before) < 1e-4 * norm_before
+    assert not torch.allclose(moved, before, atol=1e-3)
+    assert torch.allclose(after, moved, atol=1e-4)
+    assert not any(m._forward_pre_hooks for m in peft_model.modules())

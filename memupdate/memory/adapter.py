@@ -30,6 +30,20 @@ class AdapterFamily:
     # Weight of the training's locality term: KL to the base model's next-token distributions on
     # unrelated text, added to the fact loss (memory/locality.py). 0 turns it off.
     locality_weight: float = 0.0
+    # Weight of the update's norm on unrelated text: how far the adapter moves each adapted
+    # projection's output on the retain text's activations, relative to the projection's own
+    # output (memory/locality.py, UpdateNorm). It needs no forward pass per step. 0 turns it off.
+    norm_weight: float = 0.0
+
+    def __post_init__(self):
+        for term in ("locality_weight", "norm_weight"):
+            if getattr(self, term) < 0:
+                raise ValueError(f"{term} must be at least 0 (0 turns the term off)")
+
+    @property
+    def keeps_locality(self) -> bool:
+        """Whether its trainings carry a locality term (and so need a retain set)."""
+        return bool(self.locality_weight or self.norm_weight)
 
     def lora_config(self, rank: int):
         from peft import LoraConfig
@@ -48,14 +62,16 @@ class AdapterFamily:
         data = asdict(self)
         data["target_modules"] = list(self.target_modules)
         data["layers"] = list(self.layers) if self.layers is not None else None
-        if not self.locality_weight:  # as recorded before the term existed: their laws still fit
-            del data["locality_weight"]
+        for term in ("locality_weight", "norm_weight"):
+            if not data[term]:  # as recorded before the term existed: their laws still fit
+                del data[term]
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "AdapterFamily":
         data = dict(data)
-        data.setdefault("locality_weight", 0.0)  # families recorded before the term existed
+        data.setdefault("locality_weight", 0.0)  # families recorded before the terms existed
+        data.setdefault("norm_weight", 0.0)
         data["target_modules"] = tuple(data["target_modules"])
         if data.get("layers") is not None:
             data["layers"] = tuple(data["layers"])
@@ -98,6 +114,7 @@ def choose_family(
     layers: tuple[int, ...] | None | str = "default",
     learning_rate: float | None = None,
     locality_weight: float | None = None,
+    norm_weight: float | None = None,
 ) -> AdapterFamily:
     """The default family with any setting a user gave replaced (command flags, service
     config). `layers=None` means every layer; "default" keeps the family's placement."""
@@ -113,29 +130,34 @@ def choose_family(
         family = replace(family, learning_rate=learning_rate)
     if locality_weight is not None:
         family = replace(family, locality_weight=locality_weight)
+    if norm_weight is not None:
+        family = replace(family, norm_weight=norm_weight)
     return family
 
 
-def params_per_rank(model, family: AdapterFamily) -> int:
-    """Trainable LoRA parameters per unit of rank: sum of (in + out) over adapted linears."""
+def adapted_linears(model, family: AdapterFamily):
+    """(name, linear) of each projection the family adapts, named as in the bare model (inside a
+    peft-wrapped model, the original linear under its usual name)."""
     import torch
 
-    total = 0
     layers = set(family.layers) if family.layers is not None else None
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
+        name = name.removeprefix("base_model.model.").removesuffix(".base_layer")
         parts = name.split(".")
-        if parts[-1] == "base_layer":  # inside a peft-wrapped model
-            parts = parts[:-1]
         if parts[-1] not in family.target_modules:
             continue
         if layers is not None:
             index = next((int(p) for p in parts if p.isdigit()), None)
             if index not in layers:
                 continue
-        total += module.in_features + module.out_features
-    return total
+        yield name, module
+
+
+def params_per_rank(model, family: AdapterFamily) -> int:
+    """Trainable LoRA parameters per unit of rank: sum of (in + out) over adapted linears."""
+    return sum(m.in_features + m.out_features for _, m in adapted_linears(model, family))
 
 
 class AdapterMismatch(ValueError):

@@ -14,8 +14,16 @@ is reported (training report, calibration points, job events and registry metada
   on the base model's own greedy continuation: greedy decoding of the adapted model gives the
   same tokens exactly when its argmax agrees with the base's at every one of those positions.
 
-Training keeps locality with a KL term on other text (retain.txt and retain_prompts.txt with the
-base's continuations): the text that measures is never the text that trains.
+Training keeps locality with two terms on other text (retain.txt, and retain_prompts.txt with
+the base's continuations): the text that measures is never the text that trains.
+- the KL term (`locality_weight`): KL(base || adapted) on a few retain sequences each step, run
+  through the layers from the adapted one up;
+- the update's norm (`norm_weight`, `UpdateNorm`): for each adapted projection W with LoRA update
+  ΔW and K the second moment of W's inputs on the retain passages under the base model,
+  tr(ΔW K ΔWᵀ) / tr(W K Wᵀ): how much the update moves the projection's output on unrelated
+  text, relative to the output itself (MEMIT's preservation term; AlphaEdit's null-space
+  projection in soft form). K is computed once per base model, so a step pays for two r×r
+  products per projection, not a forward pass.
 
 Everything runs on the layers from the first adapted one up (memory/frozen_prefix.py): below it
 the adapted and the base model are the same, so those hidden states are computed once per base
@@ -24,12 +32,13 @@ model and kept for the life of the process, with the base model's answers.
 
 import random
 from collections import OrderedDict
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from memupdate.memory.adapter import adapted_linears
 from memupdate.memory.encoding import EncodedFact
 from memupdate.memory.frozen_prefix import FrozenPrefix, first_adapted_layer
 
@@ -161,17 +170,28 @@ def top_k_kl(base_logp: torch.Tensor, base_ids: torch.Tensor, logits: torch.Tens
     return (p * (base_logp - logp)).sum(-1) + rest_p * (rest_p.log() - rest_q.log())
 
 
-# References per (base model, first adapted layer, text), kept while the process uses them: the
-# base does not change, and building one costs a full forward pass over the text. A service
-# holds one base model; the bound keeps test runs that load many from holding them all.
-_references: OrderedDict[tuple, tuple[object, Reference]] = OrderedDict()
-_KEEP = 4
+# What is computed from the base model alone (the references per first adapted layer and text,
+# the update norm's second moments per family placement), kept while the process uses it: the
+# base does not change, and building one costs a forward pass over a text. A service holds one
+# base model; the bound keeps test runs that load many from holding them all.
+_cache: OrderedDict[tuple, tuple[object, object]] = OrderedDict()
+_KEEP = 8
+
+
+def _cached(model, key: tuple, build):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    key = (id(base), *key)
+    if key not in _cache:
+        # The model object is kept with its entry, so its id cannot be reused meanwhile.
+        _cache[key] = (base, build())
+        while len(_cache) > _KEEP:
+            _cache.popitem(last=False)
+    _cache.move_to_end(key)
+    return _cache[key][1]
 
 
 def _reference(model, tokenizer, first: int, kind: str) -> Reference:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    key = (id(base), first, kind)
-    if key not in _references:
+    def build() -> Reference:
         texts, questions = f"{kind}.txt", f"{kind}_prompts.txt"
         width = WINDOW if kind == "measure" else RETAIN_WINDOW
         sequences = _windows(tokenizer, passages(texts), kind, width) + _greedy_continuations(
@@ -180,12 +200,9 @@ def _reference(model, tokenizer, first: int, kind: str) -> Reference:
         sequences = [
             EncodedFact(i, s.source, s.prompt_ids, s.target_ids) for i, s in enumerate(sequences)
         ]
-        # The model object is kept with its reference, so its id cannot be reused meanwhile.
-        _references[key] = (base, Reference(model, sequences, first))
-        while len(_references) > _KEEP:
-            _references.popitem(last=False)
-    _references.move_to_end(key)
-    return _references[key][1]
+        return Reference(model, sequences, first)
+
+    return _cached(model, (first, kind), build)
 
 
 def _first_lora_layer(model) -> int:
@@ -226,12 +243,135 @@ def measure_locality(model, tokenizer) -> LocalityReport:
     )
 
 
-class RetainSet:
-    """What the training's locality term compares against: the retain text and prompts with
-    the base model's answers, sampled a few sequences per step."""
+# Whitening keeps directions of K whose eigenvalue is below this share of the mean one from being
+# amplified without bound (their gain is at most FLOOR ** -0.5).
+WHITENING_FLOOR = 1e-3
 
-    def __init__(self, model, tokenizer, first: int, per_step: int = 4, seed: int = 0):
-        self.reference = _reference(model, tokenizer, first, "retain")
+
+def _lora_layers(peft_model):
+    """(name as in the bare model, peft LoRA layer) of each adapted projection."""
+    for name, module in peft_model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if isinstance(lora_a, torch.nn.ModuleDict) and "default" in lora_a:
+            yield name.removeprefix("base_model.model."), module
+
+
+class UpdateNorm:
+    """The update's norm on unrelated text (module docstring): the second moment K of each
+    adapted projection's inputs over the retain passages, taken from the base model, and the
+    whitening that a training runs in (`whitened`)."""
+
+    def __init__(self, model, tokenizer, family):
+        linears = dict(adapted_linears(model, family))
+        sums = {
+            name: torch.zeros((m.in_features,) * 2, dtype=torch.float64)
+            for name, m in linears.items()
+        }
+
+        def add(name):
+            def hook(module, inputs):
+                x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+                sums[name] += x.T @ x
+
+            return hook
+
+        hooks = [m.register_forward_pre_hook(add(name)) for name, m in linears.items()]
+        tokens = 0
+        try:
+            with torch.no_grad(), _base_only(model):
+                for text in passages("retain.txt"):
+                    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                    model(torch.tensor([ids]))
+                    tokens += len(ids)
+        finally:
+            for h in hooks:
+                h.remove()
+        moments = {name: s / tokens for name, s in sums.items()}
+        self.second_moment = {name: k.float() for name, k in moments.items()}
+        # tr(W K Wᵀ): the projection's own output energy on that text
+        self.own_energy = {
+            name: float(
+                ((m.weight.detach().double() @ moments[name]) * m.weight.detach().double()).sum()
+            )
+            for name, m in linears.items()
+        }
+        # K^(-1/2) and K^(1/2), scaled by the mean eigenvalue so that whitened inputs keep the
+        # raw inputs' energy per dimension (the learning rate means what it meant), floored.
+        self.whiten, self.unwhiten = {}, {}
+        for name, k in moments.items():
+            values, vectors = torch.linalg.eigh(k)
+            values = values.clamp_min(0) / (values.clamp_min(0).mean()) + WHITENING_FLOOR
+            self.whiten[name] = (vectors * values**-0.5) @ vectors.T
+            self.unwhiten[name] = (vectors * values**0.5) @ vectors.T
+        self._whitened: dict[str, torch.Tensor] = {}  # projections a training now whitens
+
+    def __call__(self, peft_model) -> torch.Tensor:
+        """Sum over the adapted projections of tr(ΔW K ΔWᵀ) / tr(W K Wᵀ); carries gradients."""
+        total = torch.zeros(())
+        for name, module in _lora_layers(peft_model):
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            if name in self._whitened:  # the update is B·A'·K^(-1/2)
+                a = a @ self._whitened[name]
+            inner = a @ self.second_moment[name] @ a.T  # r x r
+            total = (
+                total
+                + module.scaling["default"] ** 2 * ((b @ inner) * b).sum() / self.own_energy[name]
+            )
+        return total
+
+    @contextmanager
+    def whitened(self, peft_model):
+        """While a training runs, each A matrix lives in the whitened coordinates of the retain
+        text's activations: the LoRA path sees K^(-1/2)·x and trains A' = A·K^(1/2). There the
+        norm above is nearly a plain L2 norm of B·A', so the adapter learns in the directions
+        that unrelated text hardly uses as readily as in the others, where without whitening it
+        learned them slowly (bench/locality.py). On the way out A = A'·K^(-1/2) is folded back:
+        the saved adapter is a plain LoRA, and its outputs are the trained ones."""
+        layers = list(_lora_layers(peft_model))
+        hooks = []
+        try:
+            with torch.no_grad():
+                for name, module in layers:
+                    a = module.lora_A["default"].weight
+                    a.copy_((a.double() @ self.unwhiten[name]).to(a.dtype))
+                    whiten = self.whiten[name].to(a.dtype)
+                    self._whitened[name] = whiten
+                    hooks.append(
+                        module.lora_A["default"].register_forward_pre_hook(
+                            lambda _, args, w=whiten: (args[0] @ w,)
+                        )
+                    )
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+            with torch.no_grad():
+                for name, module in layers:
+                    if self._whitened.pop(name, None) is not None:
+                        a = module.lora_A["default"].weight
+                        a.copy_((a.double() @ self.whiten[name]).to(a.dtype))
+
+
+class RetainSet:
+    """What the training's locality terms compare against: the retain text and prompts with the
+    base model's answers, sampled a few sequences per step (the KL term), and the retain
+    passages' second moments (the update's norm)."""
+
+    def __init__(self, model, tokenizer, family, per_step: int = 4, seed: int = 0):
+        self.locality_weight, self.norm_weight = family.locality_weight, family.norm_weight
+        first = first_adapted_layer(family)
+        self.reference = (
+            _reference(model, tokenizer, first, "retain") if self.locality_weight else None
+        )
+        self.norm = (
+            _cached(
+                model,
+                ("norm", family.target_modules, family.layers),
+                lambda: UpdateNorm(model, tokenizer, family),
+            )
+            if self.norm_weight
+            else None
+        )
         self.per_step = per_step
         self.rng = random.Random(seed)
 
@@ -242,14 +382,27 @@ class RetainSet:
         kl, _, _ = self.reference.compare(model, indices, top)
         return kl.mean(), sum(self.reference.sequences[i].length for i in indices)
 
+    def whitened(self, peft_model):
+        """The context a training runs in (UpdateNorm.whitened; nothing without the norm)."""
+        return self.norm.whitened(peft_model) if self.norm is not None else nullcontext()
+
+    def loss(self, model, top=None) -> tuple[torch.Tensor, int]:
+        """(the weighted locality terms of this step, retain tokens run for them)."""
+        term, tokens = torch.zeros(()), 0
+        if self.reference is not None:
+            kl, tokens = self.kl(model, top)
+            term = term + self.locality_weight * kl
+        if self.norm is not None:
+            with torch.autocast("cpu", enabled=False):  # small numbers: keep them in fp32
+                term = term + self.norm_weight * self.norm(model)
+        return term, tokens
+
 
 def prepare(model, tokenizer, family) -> None:
     """Compute the base model's answers a job will need (a service does this at start-up, so
     its first update does not wait for them)."""
-    first = first_adapted_layer(family)
-    _reference(model, tokenizer, first, "measure")
-    if family.locality_weight:
-        _reference(model, tokenizer, first, "retain")
+    _reference(model, tokenizer, first_adapted_layer(family), "measure")
+    retain_set(model, tokenizer, family)
 
 
 def base_continuations(model, tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -260,7 +413,7 @@ def base_continuations(model, tokenizer) -> list[tuple[list[int], list[int]]]:
 
 
 def retain_set(model, tokenizer, family, seed: int = 0) -> RetainSet | None:
-    """The retain set a training of this family needs (None when its locality weight is 0)."""
-    if not family.locality_weight:
+    """The retain set a training of this family needs (None when it has no locality term)."""
+    if not family.keeps_locality:
         return None
-    return RetainSet(model, tokenizer, first_adapted_layer(family), seed=seed)
+    return RetainSet(model, tokenizer, family, seed=seed)

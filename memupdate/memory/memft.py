@@ -22,6 +22,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,19 +241,19 @@ def train_adapter(
     memory/warm_start.py) and train it. Returns (peft_model, TrainResult). Call
     `peft_model.unload()` afterwards to get the untouched base model back. `token_weights`
     replaces the mode's weighting (benchmarks of MemFT variants). A family with a locality
-    weight needs `retain` (memory/locality.py: retain_set)."""
+    term (either weight) needs `retain` (memory/locality.py: retain_set)."""
     from peft import get_peft_model
 
-    if settings.family.locality_weight and retain is None:
+    if settings.family.keeps_locality and retain is None:
         raise ValueError("this adapter family has a locality term: pass retain=retain_set(...)")
     torch.manual_seed(settings.seed)
     peft_model = get_peft_model(model, settings.family.lora_config(settings.rank))
     try:
         if start_from is not None:
             warm_start(peft_model, start_from)
-        return peft_model, _train(
-            peft_model, facts, pad_id, settings, on_progress, token_weights, retain
-        )
+        with retain.whitened(peft_model) if retain is not None else nullcontext():
+            result = _train(peft_model, facts, pad_id, settings, on_progress, token_weights, retain)
+        return peft_model, result
     except BaseException:
         # get_peft_model changed `model` in place: an exception (a cancelled job, an adapter
         # that does not fit) must not leave LoRA layers in the caller's model.
@@ -333,8 +334,8 @@ def _train(peft_model, facts, pad_id, settings, on_progress, token_weights, reta
                 if loss is not None:
                     if retain is not None:  # stay close to the base model on unrelated text
                         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                            kl, retain_tokens = retain.kl(peft_model, top)
-                        loss = loss + settings.family.locality_weight * kl
+                            term, retain_tokens = retain.loss(peft_model, top)
+                        loss = loss + term
                         counts["tokens"] += retain_tokens
                     loss.backward()
                     optimizer.step()
