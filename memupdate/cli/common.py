@@ -49,7 +49,12 @@ class Base:
             layers = None if args.layers == "all" else parse_ints(args.layers)
         modules = tuple(args.modules.split(",")) if args.modules else None
         return choose_family(
-            self.model.config.num_hidden_layers, modules, layers, args.lr, args.locality_weight
+            self.model.config.num_hidden_layers,
+            modules,
+            layers,
+            args.lr,
+            args.locality_weight,
+            args.norm_weight,
         )
 
 
@@ -61,7 +66,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--locality-weight",
         type=float,
-        help="weight of the locality term (KL to the base on unrelated text; 0: off; "
+        help="weight of the KL term (KL to the base on unrelated text; 0: off; "
+        "default: the family's)",
+    )
+    p.add_argument(
+        "--norm-weight",
+        type=float,
+        help="weight of the update's norm on unrelated text's activations (0: off; "
         "default: the family's)",
     )
     p.add_argument(

@@ -29,6 +29,7 @@ def _config(args):
         adapter_layers=parse_ints(args.adapter_layers) if args.adapter_layers else None,
         adapter_learning_rate=args.adapter_lr,
         adapter_locality_weight=args.adapter_locality_weight,
+        adapter_norm_weight=args.adapter_norm_weight,
     )
 
 
@@ -80,7 +81,12 @@ def _shared_options(cmd) -> None:
     cmd.add_argument(
         "--adapter-locality-weight",
         type=float,
-        help="the adapter family's locality weight (0: no locality term)",
+        help="the adapter family's locality weight (0: no KL term)",
+    )
+    cmd.add_argument(
+        "--adapter-norm-weight",
+        type=float,
+        help="the adapter family's weight of the update's norm on unrelated text (0: off)",
     )
 
 

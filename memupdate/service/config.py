@@ -48,13 +48,14 @@ class ServiceConfig(BaseSettings):
     # from a fresh adapter at every update, as the first builds did).
     warm_start: bool = True
     # The adapter family every job trains (and whose law plans the rank): empty / None keep the
-    # default family's modules, learning rate and locality weight
+    # default family's modules, learning rate and locality terms' weights
     # (memupdate.memory.adapter.default_family).
     adapter_modules: list[str] = []
     # Layers to adapt (empty: the default family's one layer at two thirds of the depth).
     adapter_layers: list[int] = []
     adapter_learning_rate: float | None = Field(default=None, gt=0)
     adapter_locality_weight: float | None = Field(default=None, ge=0)
+    adapter_norm_weight: float | None = Field(default=None, ge=0)
     # How long a job waits for unreachable vLLM replicas (retrying with backoff) before failing.
     serving_wait_s: float = Field(default=300.0, ge=0)
     # Training workers inside `memupdate serve` (each holds its own copy of the model); 0 when

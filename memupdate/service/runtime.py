@@ -59,6 +59,7 @@ def load_runtime(config: ServiceConfig, registry: Registry, backend: ServingBack
             tuple(config.adapter_layers) or "default",
             learning_rate=config.adapter_learning_rate,
             locality_weight=config.adapter_locality_weight,
+            norm_weight=config.adapter_norm_weight,
         ),
         registry,
         backend,
