@@ -172,26 +172,34 @@ def test_the_norm_term_alone_needs_no_kl_reference_and_keeps_answers_closer(tiny
     assert reports[10.0].token_agreement > reports[0.0].token_agreement + 0.2, reports
 
 
-def test_training_in_whitened_coordinates_changes_no_output_and_folds_back(tiny):
-    # A training's A matrices live in the retain text's whitened coordinates; entering must not
-    # change the model's outputs or the norm, and leaving folds them into a plain LoRA that
-    # computes what the whitened one computed.
+def test_the_optimizer_steps_a_in_whitened_coordinates_and_the_model_keeps_plain_a(tiny):
+    # With the update's norm the optimizer steps A' = A·K^(1/2): starting changes nothing in the
+    # model, and a plain gradient step on A' is the step -lr·∇A·K^(-1) on A (K scaled and
+    # floored), made on the model's ordinary A matrices.
     model, tok = tiny
     family = replace(default_family(model.config.num_hidden_layers), norm_weight=1.0)
-    norm = retain_set(model, tok, family).norm
+    retain = retain_set(model, tok, family)
     peft_model = adapted(model, 0.1)
     ids = torch.tensor([tok("A sentence the test feeds the model.")["input_ids"]])
     with torch.no_grad():
-        before, norm_before = peft_model(ids).logits, float(norm(peft_model))
-        with norm.whitened(peft_model):
-            inside, norm_inside = peft_model(ids).logits, float(norm(peft_model))
-            for name, p in peft_model.named_parameters():
-                if "lora_A" in name:  # a step's change, made in whitened coordinates
-                    p.add_(0.01 * torch.randn_like(p))
-            moved = peft_model(ids).logits
-        after = peft_model(ids).logits
-    assert torch.allclose(inside, before, atol=1e-4)
-    assert abs(norm_inside - norm_before) < 1e-4 * norm_before
-    assert not torch.allclose(moved, before, atol=1e-3)
-    assert torch.allclose(after, moved, atol=1e-4)
-    assert not any(m._forward_pre_hooks for m in peft_model.modules())
+        before = peft_model(ids).logits
+    whitening = retain.whitening(peft_model)
+    with torch.no_grad():
+        assert torch.allclose(peft_model(ids).logits, before)
+    assert whitening.pairs
+    for a, shadow, whiten in whitening.pairs:
+        assert torch.allclose(shadow @ whiten, a, atol=1e-5)
+        assert not torch.allclose(whiten, torch.eye(len(whiten)), atol=0.1)  # a real change
+    params = whitening.parameters([p for p in peft_model.parameters() if p.requires_grad])
+    assert not any(p is a for p in params for a, _, _ in whitening.pairs)
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    start = [a.detach().clone() for a, _, _ in whitening.pairs]
+    peft_model(ids).logits.square().mean().backward()
+    grads = [a.grad.clone() for a, _, _ in whitening.pairs]
+    whitening.pull_gradients()
+    optimizer.step()
+    whitening.push_weights()
+    for (a, _, whiten), a0, g in zip(whitening.pairs, start, grads, strict=True):
+        assert torch.allclose(a, a0 - 0.1 * g @ whiten @ whiten, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(peft_model(ids).logits, before, atol=1e-4)

@@ -155,10 +155,13 @@ def test_the_compiled_step_computes_what_the_eager_step_computes(tiny):
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_a_compiled_training_with_the_locality_term_reaches_full_recall(tiny, caplog):
-    """In a worker thread, as the service trains: torch.compile works off the main thread."""
+@pytest.mark.parametrize("terms", [{}, {"locality_weight": 0.0, "norm_weight": 10.0}])
+def test_a_compiled_training_with_a_locality_term_reaches_full_recall(tiny, caplog, terms):
+    """In a worker thread, as the service trains: torch.compile works off the main thread, with
+    the KL term (the default family's) and with the update's norm, whose whitening puts a hook
+    on each LoRA A inside the compiled layers."""
     model, tok = tiny
-    family = replace(default_family(model.config.num_hidden_layers), learning_rate=1e-2)
+    family = replace(default_family(model.config.num_hidden_layers), learning_rate=1e-2, **terms)
     config = TrainSettings(rank=8, family=family, max_steps=600, compile=True)
     retain = retain_set(model, tok, family)
     with ThreadPoolExecutor(1) as worker:

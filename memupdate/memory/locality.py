@@ -32,7 +32,7 @@ model and kept for the life of the process, with the base model's answers.
 
 import random
 from collections import OrderedDict
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -259,7 +259,7 @@ def _lora_layers(peft_model):
 class UpdateNorm:
     """The update's norm on unrelated text (module docstring): the second moment K of each
     adapted projection's inputs over the retain passages, taken from the base model, and the
-    whitening that a training runs in (`whitened`)."""
+    whitening a training optimizes in (`Whitening`)."""
 
     def __init__(self, model, tokenizer, family):
         linears = dict(adapted_linears(model, family))
@@ -301,17 +301,14 @@ class UpdateNorm:
         for name, k in moments.items():
             values, vectors = torch.linalg.eigh(k)
             values = values.clamp_min(0) / (values.clamp_min(0).mean()) + WHITENING_FLOOR
-            self.whiten[name] = (vectors * values**-0.5) @ vectors.T
-            self.unwhiten[name] = (vectors * values**0.5) @ vectors.T
-        self._whitened: dict[str, torch.Tensor] = {}  # projections a training now whitens
+            self.whiten[name] = ((vectors * values**-0.5) @ vectors.T).float()
+            self.unwhiten[name] = ((vectors * values**0.5) @ vectors.T).float()
 
     def __call__(self, peft_model) -> torch.Tensor:
         """Sum over the adapted projections of tr(ΔW K ΔWᵀ) / tr(W K Wᵀ); carries gradients."""
         total = torch.zeros(())
         for name, module in _lora_layers(peft_model):
             a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
-            if name in self._whitened:  # the update is B·A'·K^(-1/2)
-                a = a @ self._whitened[name]
             inner = a @ self.second_moment[name] @ a.T  # r x r
             total = (
                 total
@@ -319,37 +316,39 @@ class UpdateNorm:
             )
         return total
 
-    @contextmanager
-    def whitened(self, peft_model):
-        """While a training runs, each A matrix lives in the whitened coordinates of the retain
-        text's activations: the LoRA path sees K^(-1/2)·x and trains A' = A·K^(1/2). There the
-        norm above is nearly a plain L2 norm of B·A', so the adapter learns in the directions
-        that unrelated text hardly uses as readily as in the others, where without whitening it
-        learned them slowly (bench/locality.py). On the way out A = A'·K^(-1/2) is folded back:
-        the saved adapter is a plain LoRA, and its outputs are the trained ones."""
-        layers = list(_lora_layers(peft_model))
-        hooks = []
-        try:
-            with torch.no_grad():
-                for name, module in layers:
-                    a = module.lora_A["default"].weight
-                    a.copy_((a.double() @ self.unwhiten[name]).to(a.dtype))
-                    whiten = self.whiten[name].to(a.dtype)
-                    self._whitened[name] = whiten
-                    hooks.append(
-                        module.lora_A["default"].register_forward_pre_hook(
-                            lambda _, args, w=whiten: (args[0] @ w,)
-                        )
-                    )
-            yield
-        finally:
-            for h in hooks:
-                h.remove()
-            with torch.no_grad():
-                for name, module in layers:
-                    if self._whitened.pop(name, None) is not None:
-                        a = module.lora_A["default"].weight
-                        a.copy_((a.double() @ self.whiten[name]).to(a.dtype))
+
+class Whitening:
+    """The optimizer's view of the adapter while a training with the update's norm runs: each
+    LoRA A is optimized as A' = A·K^(1/2), in the whitened coordinates of the retain text's
+    activations (A = A'·K^(-1/2)). There the norm is nearly a plain L2 norm of B·A', so the adapter
+    learns the directions unrelated text hardly uses as readily as the others; optimized as A,
+    it learned them slowly (bench/locality.py). The model itself keeps plain A matrices, so the
+    forward pass (compiled or not) and the saved adapter are an ordinary LoRA's; only the step
+    is taken on A': its gradient is A's times K^(-1/2), and A is recomputed from it after."""
+
+    def __init__(self, norm: UpdateNorm, peft_model):
+        self.pairs = []  # (A in the model, A' the optimizer steps, K^(-1/2))
+        for name, module in _lora_layers(peft_model):
+            a = module.lora_A["default"].weight
+            shadow = (a.detach() @ norm.unwhiten[name]).requires_grad_(True)
+            self.pairs.append((a, shadow, norm.whiten[name]))
+
+    def parameters(self, params: list) -> list:
+        """`params` with each A replaced by its A' (what the optimizer is built over)."""
+        shadows = {id(a): shadow for a, shadow, _ in self.pairs}
+        return [shadows.get(id(p), p) for p in params]
+
+    def pull_gradients(self) -> None:
+        """After backward, before the optimizer step: A'.grad = A.grad·K^(-1/2) (symmetric)."""
+        for a, shadow, whiten in self.pairs:
+            shadow.grad = None if a.grad is None else a.grad @ whiten
+            a.grad = None
+
+    @torch.no_grad()
+    def push_weights(self) -> None:
+        """After the optimizer step: A = A'·K^(-1/2)."""
+        for a, shadow, whiten in self.pairs:
+            a.copy_(shadow @ whiten)
 
 
 class RetainSet:
@@ -382,9 +381,9 @@ class RetainSet:
         kl, _, _ = self.reference.compare(model, indices, top)
         return kl.mean(), sum(self.reference.sequences[i].length for i in indices)
 
-    def whitened(self, peft_model):
-        """The context a training runs in (UpdateNorm.whitened; nothing without the norm)."""
-        return self.norm.whitened(peft_model) if self.norm is not None else nullcontext()
+    def whitening(self, peft_model) -> Whitening | None:
+        """How a training's optimizer sees the adapter (None without the update's norm)."""
+        return Whitening(self.norm, peft_model) if self.norm is not None else None
 
     def loss(self, model, top=None) -> tuple[torch.Tensor, int]:
         """(the weighted locality terms of this step, retain tokens run for them)."""

@@ -22,7 +22,6 @@ import math
 import random
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,9 +250,9 @@ def train_adapter(
     try:
         if start_from is not None:
             warm_start(peft_model, start_from)
-        with retain.whitened(peft_model) if retain is not None else nullcontext():
-            result = _train(peft_model, facts, pad_id, settings, on_progress, token_weights, retain)
-        return peft_model, result
+        return peft_model, _train(
+            peft_model, facts, pad_id, settings, on_progress, token_weights, retain
+        )
     except BaseException:
         # get_peft_model changed `model` in place: an exception (a cancelled job, an adapter
         # that does not fit) must not leave LoRA layers in the caller's model.
@@ -265,6 +264,10 @@ def _train(peft_model, facts, pad_id, settings, on_progress, token_weights, reta
     rng = random.Random(settings.seed)
     weigh = token_weights or (threshold_weights if settings.mode == "memft" else uniform_weights)
     params = [p for p in peft_model.parameters() if p.requires_grad]
+    # With the update's norm, the optimizer steps the A matrices in whitened coordinates.
+    whitening = retain.whitening(peft_model) if retain is not None else None
+    if whitening is not None:
+        params = whitening.parameters(params)
     optimizer = torch.optim.AdamW(params, lr=settings.family.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: max(0.0, 1.0 - s / settings.max_steps)
@@ -338,8 +341,12 @@ def _train(peft_model, facts, pad_id, settings, on_progress, token_weights, reta
                         loss = loss + term
                         counts["tokens"] += retain_tokens
                     loss.backward()
+                    if whitening is not None:
+                        whitening.pull_gradients()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if whitening is not None:
+                        whitening.push_weights()
                     counts["optimizer_steps"] += 1
                 schedule.step()
                 counts["steps"] += 1
