@@ -22,8 +22,9 @@ the base's continuations): the text that measures is never the text that trains.
   ΔW and K the second moment of W's inputs on the retain passages under the base model,
   tr(ΔW K ΔWᵀ) / tr(W K Wᵀ): how much the update moves the projection's output on unrelated
   text, relative to the output itself (MEMIT's preservation term; AlphaEdit's null-space
-  projection in soft form). K is computed once per base model, so a step pays for two r×r
-  products per projection, not a forward pass.
+  projection in soft form). K is computed once per base model, so a step pays for a few small
+  matrix products per projection, not a forward pass; the optimizer steps the A matrices in
+  K's whitened coordinates (`Whitening`).
 
 Everything runs on the layers from the first adapted one up (memory/frozen_prefix.py): below it
 the adapted and the base model are the same, so those hidden states are computed once per base
