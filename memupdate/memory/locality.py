@@ -208,13 +208,7 @@ def _reference(model, tokenizer, first: int, kind: str) -> Reference:
 
 def _first_lora_layer(model) -> int:
     """The lowest decoder layer holding a LoRA matrix (0 when it cannot tell)."""
-    found = [
-        int(part)
-        for name, _ in model.named_modules()
-        if name.endswith("lora_A")
-        for part in name.split(".")
-        if part.isdigit()
-    ]
+    found = [int(p) for name, _ in _lora_layers(model) for p in name.split(".") if p.isdigit()]
     return min(found, default=0)
 
 
