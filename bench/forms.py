@@ -14,7 +14,8 @@ held-out question is asked through /v1/chat/completions (greedy): trained questi
 back exactly; a held-out answer counts when it contains the target.
 
 A variant may change the training: `all-forms:margin=0.4` (train until every target token has
-p > 0.9), `all-forms:locality=0` (no locality term), `all-forms:rank=16`, `all-forms:layers=10`
+p > 0.9), `all-forms:locality=0` (no KL term), `all-forms:norm=300` (the update's norm term),
+`all-forms:rank=16`, `all-forms:layers=10`
 (adapt layer 10 instead of the family's; `layers=8+20` for two).
 
     cd bench && ../.venv/bin/python forms.py --kinds all --serve
@@ -126,6 +127,8 @@ def main() -> None:
             family = default_family(model.config.num_hidden_layers)
             if "locality" in change:
                 family = replace(family, locality_weight=float(change["locality"]))
+            if "norm" in change:
+                family = replace(family, norm_weight=float(change["norm"]))
             if "layers" in change:
                 family = replace(family, layers=tuple(map(int, change["layers"].split("+"))))
             settings["family"] = family

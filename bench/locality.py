@@ -8,6 +8,7 @@ time as a ratio to the run without either term (0:0) of the same kind. Runs alte
 per kind.
 
     .venv/bin/python bench/locality.py --kinds all [--facts 40] [--rank 8] [--terms 0:0,4:0,0:1000]
+        [--layers 25]
 """
 
 from dataclasses import replace
@@ -24,11 +25,14 @@ def main() -> None:
         default="0:0,4:0,0:1000",
         help="comma list of KL-weight:norm-weight pairs to compare (0:0: no term)",
     )
+    p.add_argument("--layers", help="adapt these layers instead of the family's (25, or 8+20)")
     args = p.parse_args()
     terms = [tuple(float(w) for w in t.split(":")) for t in args.terms.split(",")]
     _, load = setup(args)
     model, _ = load()
     family = default_family(model.config.num_hidden_layers)
+    if args.layers:
+        family = replace(family, layers=tuple(map(int, args.layers.split("+"))))
     for k, kind in enumerate(kinds(args)):
         facts = fact_set(load, kind, args.facts, args.seed)
         ell = sum(len(f.target_ids) for f in facts)
