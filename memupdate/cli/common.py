@@ -61,7 +61,7 @@ class Base:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local Hugging Face model folder (default: SmolLM2-135M)")
     p.add_argument("--max-facts", type=int, default=DEFAULT_MAX_FACTS)
-    p.add_argument("--layers", help="layers to adapt: comma list or 'all' (default: 2/3 depth)")
+    p.add_argument("--layers", help="layers to adapt: comma list or 'all' (default: 5/6 depth)")
     p.add_argument("--lr", type=float, help="learning rate (default: the family's)")
     p.add_argument(
         "--locality-weight",

@@ -75,7 +75,7 @@ def _shared_options(cmd) -> None:
     )
     cmd.add_argument(
         "--adapter-layers",
-        help="layers each adapter trains, comma list (default: one layer at 2/3 depth)",
+        help="layers each adapter trains, comma list (default: one layer at 5/6 depth)",
     )
     cmd.add_argument("--adapter-lr", type=float, help="the adapter family's learning rate")
     cmd.add_argument(

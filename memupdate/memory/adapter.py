@@ -79,10 +79,13 @@ class AdapterFamily:
 
 
 def default_family(num_layers: int) -> AdapterFamily:
-    """All attention and MLP projections of one layer at two thirds of the depth (the paper's
-    placement: layer 20 of Qwen3-8B's 36, 18 of Llama's 32); for SmolLM2-135M, layer 20 of 30."""
+    """All attention and MLP projections of one layer at five sixths of the depth: for
+    SmolLM2-135M, layer 25 of 30. The paper places its adapter at about two thirds (layer 20 of
+    30 here); measured on SmolLM2 (docs/benchmarks.md, "Where the adapter sits"), layer 25 lets
+    facts be recalled from wordings that were not trained (held-out questions 0.80 against 0.475
+    for counterfactual updates) and trains in 0.54-0.85x the time, at the same locality."""
     return AdapterFamily(
-        layers=(min(num_layers - 1, (2 * num_layers) // 3),),
+        layers=(min(num_layers - 1, (5 * num_layers) // 6),),
         locality_weight=DEFAULT_LOCALITY_WEIGHT,
     )
 

@@ -51,7 +51,7 @@ class ServiceConfig(BaseSettings):
     # default family's modules, learning rate and locality terms' weights
     # (memupdate.memory.adapter.default_family).
     adapter_modules: list[str] = []
-    # Layers to adapt (empty: the default family's one layer at two thirds of the depth).
+    # Layers to adapt (empty: the default family's one layer at five sixths of the depth).
     adapter_layers: list[int] = []
     adapter_learning_rate: float | None = Field(default=None, gt=0)
     adapter_locality_weight: float | None = Field(default=None, ge=0)
