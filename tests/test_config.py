@@ -31,7 +31,8 @@ def test_a_service_adapts_the_layers_it_is_given_and_refuses_ones_the_model_lack
     runtime = load_runtime(config, open_registry(config), backend=None)
     assert runtime.family.layers == (1,)
     config = ServiceConfig(data_dir=tmp_path, model=str(tiny_dir))
-    assert load_runtime(config, open_registry(config), backend=None).family.layers == (2,)
+    # the default family's layer: five sixths of the tiny model's 4 layers
+    assert load_runtime(config, open_registry(config), backend=None).family.layers == (3,)
     config = ServiceConfig(data_dir=tmp_path, model=str(tiny_dir), adapter_layers=[9])
     with pytest.raises(
         ValueError, match=r"no layer \[9\] to adapt; this model's layers are 0 to 3"
