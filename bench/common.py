@@ -51,6 +51,11 @@ def kinds(args) -> list[str]:
     return chosen
 
 
+def parse_layers(text: str) -> tuple[int, ...]:
+    """Layers to adapt as the benchmarks spell them: "25", or "8+20" for two."""
+    return tuple(map(int, text.split("+")))
+
+
 def train(load, facts, rank: int, seed: int, max_steps: int, mode: str = "memft", **settings):
     """One training of a fresh base model with the default family; the TrainResult. Extra
     keyword arguments go to TrainSettings, except `token_weights` (to train_adapter)."""

@@ -29,7 +29,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from common import kinds, parser, setup, train_and_measure
+from common import kinds, parse_layers, parser, setup, train_and_measure
 
 from memupdate.memory.adapter import default_family
 from memupdate.memory.encoding import encode_facts, model_context_length
@@ -130,7 +130,7 @@ def main() -> None:
             if "norm" in change:
                 family = replace(family, norm_weight=float(change["norm"]))
             if "layers" in change:
-                family = replace(family, layers=tuple(map(int, change["layers"].split("+"))))
+                family = replace(family, layers=parse_layers(change["layers"]))
             settings["family"] = family
             facts = sets[name]
             t0 = time.monotonic()

@@ -13,7 +13,7 @@ per kind.
 
 from dataclasses import replace
 
-from common import fact_set, kinds, parser, setup, train_and_measure
+from common import fact_set, kinds, parse_layers, parser, setup, train_and_measure
 
 from memupdate.memory.adapter import default_family
 
@@ -32,7 +32,7 @@ def main() -> None:
     model, _ = load()
     family = default_family(model.config.num_hidden_layers)
     if args.layers:
-        family = replace(family, layers=tuple(map(int, args.layers.split("+"))))
+        family = replace(family, layers=parse_layers(args.layers))
     for k, kind in enumerate(kinds(args)):
         facts = fact_set(load, kind, args.facts, args.seed)
         ell = sum(len(f.target_ids) for f in facts)
