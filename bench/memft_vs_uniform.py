@@ -13,9 +13,13 @@ then ratios to uniform.
 """
 
 import math
+from dataclasses import replace
 
 import torch
 from common import fact_set, kinds, parser, setup, train
+from transformers import AutoConfig
+
+from memupdate.memory.adapter import default_family
 
 
 def soft_weights(logp: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -70,27 +74,25 @@ VARIANTS = {
 
 
 def variant(name: str):
-    """(mode, extra settings) of a named variant, or of MODE-lrRATE (e.g. uniform-lr5e-3): that
-    mode with the default family at another learning rate; None for an unknown name."""
+    """(mode, extra settings) of a named variant, or of NAME-lrRATE (e.g. uniform-lr5e-3,
+    memft-all-lr5e-3): that variant with the default family at another learning rate; None for
+    an unknown name."""
     if name in VARIANTS:
         return VARIANTS[name]
-    mode, _, rate = name.partition("-lr")
+    base, _, rate = name.rpartition("-lr")
+    if base not in VARIANTS:
+        return None
     try:
-        return (mode, {"lr": float(rate)}) if mode in ("memft", "uniform") else None
+        mode, extra = VARIANTS[base]
+        return mode, {**extra, "lr": float(rate)}
     except ValueError:
         return None
 
 
-def run(load, facts, args, name, max_steps):
-    from dataclasses import replace
-
-    from memupdate.memory.adapter import default_family
-
+def run(load, family, facts, args, name, max_steps):
     mode, extra = variant(name)
     extra = dict(extra)
     if "lr" in extra:
-        model, _ = load()
-        family = default_family(model.config.num_hidden_layers)
         extra["family"] = replace(family, learning_rate=extra.pop("lr"))
     return train(load, facts, args.rank, args.seed, max_steps, mode, **extra)
 
@@ -102,8 +104,10 @@ def main() -> None:
     args = p.parse_args()
     names = args.variants.split(",")
     if unknown := [n for n in names if variant(n) is None]:
-        raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)} or MODE-lrRATE")
-    _, load = setup(args)
+        choices = f"{list(VARIANTS)}, each also as NAME-lrRATE"
+        raise SystemExit(f"unknown variants {unknown}; choose from {choices}")
+    folder, load = setup(args)
+    family = default_family(AutoConfig.from_pretrained(folder).num_hidden_layers)
     for k, kind in enumerate(kinds(args)):
         facts = fact_set(load, kind, args.facts, args.seed)
         ell = sum(len(f.target_ids) for f in facts)
@@ -112,8 +116,8 @@ def main() -> None:
         order = names if k % 2 == 0 else names[::-1]
         full, fixed = {}, {}
         for name in order:
-            full[name] = res = run(load, facts, args, name, args.max_steps)
-            fixed[name] = short = run(load, facts, args, name, budget)
+            full[name] = res = run(load, family, facts, args, name, args.max_steps)
+            fixed[name] = short = run(load, family, facts, args, name, budget)
             print(
                 f"  {name:18s} to full recall: success={res.success} {res.seconds:6.1f} s "
                 f"steps={res.steps} optimizer_steps={res.optimizer_steps} epochs={res.epochs} "
