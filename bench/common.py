@@ -3,6 +3,7 @@
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -58,7 +59,8 @@ def parse_layers(text: str) -> tuple[int, ...]:
 
 def train(load, facts, rank: int, seed: int, max_steps: int, mode: str = "memft", **settings):
     """One training of a fresh base model with the default family; the TrainResult. Extra
-    keyword arguments go to TrainSettings, except `token_weights` (to train_adapter)."""
+    keyword arguments go to TrainSettings, except `token_weights` (to train_adapter) and `lr`
+    (the family's learning rate)."""
     return train_and_measure(load, facts, rank, seed, max_steps, mode, measure=False, **settings)[0]
 
 
@@ -72,6 +74,8 @@ def train_and_measure(load, facts, rank, seed, max_steps, mode="memft", measure=
     model, tok = load()
     weights = settings.pop("token_weights", None)
     family = settings.pop("family", None) or default_family(model.config.num_hidden_layers)
+    if "lr" in settings:
+        family = replace(family, learning_rate=settings.pop("lr"))
     config = TrainSettings(
         rank=rank, mode=mode, seed=seed, family=family, max_steps=max_steps, **settings
     )

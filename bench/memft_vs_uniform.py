@@ -13,13 +13,9 @@ then ratios to uniform.
 """
 
 import math
-from dataclasses import replace
 
 import torch
 from common import fact_set, kinds, parser, setup, train
-from transformers import AutoConfig
-
-from memupdate.memory.adapter import default_family
 
 
 def soft_weights(logp: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -83,17 +79,15 @@ def variant(name: str):
     if base not in VARIANTS:
         return None
     try:
-        mode, extra = VARIANTS[base]
-        return mode, {**extra, "lr": float(rate)}
+        lr = float(rate)
     except ValueError:
         return None
+    mode, extra = VARIANTS[base]
+    return mode, {**extra, "lr": lr}
 
 
-def run(load, family, facts, args, name, max_steps):
+def run(load, facts, args, name, max_steps):
     mode, extra = variant(name)
-    extra = dict(extra)
-    if "lr" in extra:
-        extra["family"] = replace(family, learning_rate=extra.pop("lr"))
     return train(load, facts, args.rank, args.seed, max_steps, mode, **extra)
 
 
@@ -106,8 +100,7 @@ def main() -> None:
     if unknown := [n for n in names if variant(n) is None]:
         choices = f"{list(VARIANTS)}, each also as NAME-lrRATE"
         raise SystemExit(f"unknown variants {unknown}; choose from {choices}")
-    folder, load = setup(args)
-    family = default_family(AutoConfig.from_pretrained(folder).num_hidden_layers)
+    _, load = setup(args)
     for k, kind in enumerate(kinds(args)):
         facts = fact_set(load, kind, args.facts, args.seed)
         ell = sum(len(f.target_ids) for f in facts)
@@ -116,8 +109,8 @@ def main() -> None:
         order = names if k % 2 == 0 else names[::-1]
         full, fixed = {}, {}
         for name in order:
-            full[name] = res = run(load, family, facts, args, name, args.max_steps)
-            fixed[name] = short = run(load, family, facts, args, name, budget)
+            full[name] = res = run(load, facts, args, name, args.max_steps)
+            fixed[name] = short = run(load, facts, args, name, budget)
             print(
                 f"  {name:18s} to full recall: success={res.success} {res.seconds:6.1f} s "
                 f"steps={res.steps} optimizer_steps={res.optimizer_steps} epochs={res.epochs} "
