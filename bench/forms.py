@@ -16,7 +16,8 @@ back exactly; a held-out answer counts when it contains the target.
 A variant may change the training: `all-forms:margin=0.4` (train until every target token has
 p > 0.9), `all-forms:locality=0` (no KL term), `all-forms:norm=300` (the update's norm term),
 `all-forms:rank=16`, `all-forms:layers=10`
-(adapt layer 10 instead of the family's; `layers=8+20` for two).
+(adapt layer 10 instead of the family's; `layers=8+20` for two), `all-forms:lr=5e-3` (the
+family's learning rate).
 
     cd bench && ../.venv/bin/python forms.py --kinds all --serve
 
@@ -131,6 +132,8 @@ def main() -> None:
                 family = replace(family, norm_weight=float(change["norm"]))
             if "layers" in change:
                 family = replace(family, layers=parse_layers(change["layers"]))
+            if "lr" in change:
+                family = replace(family, learning_rate=float(change["lr"]))
             settings["family"] = family
             facts = sets[name]
             t0 = time.monotonic()
