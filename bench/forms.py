@@ -17,7 +17,7 @@ A variant may change the training: `all-forms:margin=0.4` (train until every tar
 p > 0.9), `all-forms:locality=0` (no KL term), `all-forms:norm=300` (the update's norm term),
 `all-forms:rank=16`, `all-forms:layers=10`
 (adapt layer 10 instead of the family's; `layers=8+20` for two), `all-forms:lr=5e-3` (the
-family's learning rate).
+family's learning rate), `all-forms:until=0.95` (MemFT trains a token until p > 0.95).
 
     cd bench && ../.venv/bin/python forms.py --kinds all --serve
 
@@ -125,6 +125,8 @@ def main() -> None:
             name, *changes = variant.split(":")
             change = dict(c.split("=") for c in changes)
             settings = {"margin": float(change["margin"])} if "margin" in change else {}
+            if "until" in change:
+                settings["train_until"] = float(change["until"])
             family = default_family(model.config.num_hidden_layers)
             if "locality" in change:
                 family = replace(family, locality_weight=float(change["locality"]))

@@ -44,6 +44,7 @@ VARIANTS = {
     "memft-all": ("memft", {"replay": None}),
     "memft-paper-meanall": ("memft", {"train_until": None, "replay": None}),
     "memft-until0.95": ("memft", {"train_until": 0.95}),
+    "memft-until0.99": ("memft", {"train_until": 0.99}),
     "memft-soft": (
         "memft",
         {
