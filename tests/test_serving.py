@@ -192,6 +192,35 @@ def test_base_requests_never_get_adapter_output_while_slots_are_full(stack, adap
     assert any(a != base_expected[p] for m, p, a in answers if m != "base")
 
 
+def test_prompt_logprobs_of_batched_adapter_requests_match_each_asked_alone(stack, adapters):
+    """CPU LoRA bug (2): `prompt_logprobs` with adapters and several requests in one engine
+    step crashed the engine (one LoRA index per request for one logit row per token). Requests
+    for two adapters and the base model, several prompts each, are sent at once; every
+    probability must be the one the same fact gets asked alone."""
+    registry, backend, _ = stack
+    client = backend.server.client
+    client.load_adapter("slot-a", str(adapters["v1"][0]))
+    client.load_adapter("slot-b", str(adapters["v2"][0]))
+    asked = {"slot-a": adapters["v1"][1], "slot-b": adapters["v2"][1], "base": adapters["v1"][1]}
+    alone = {m: [client.target_probabilities(m, [f])[0] for f in fs] for m, fs in asked.items()}
+    together: dict[str, list[list[float]]] = {}
+
+    def send(model_name):
+        together[model_name] = client.target_probabilities(model_name, asked[model_name])
+
+    threads = [threading.Thread(target=send, args=(m,)) for m in asked for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(together) == set(asked)
+    for model_name, probs in together.items():
+        for got, expected in zip(probs, alone[model_name], strict=True):
+            assert got == pytest.approx(expected, abs=1e-5), model_name
+    # The adapters are not the base model on these prompts, so a wrong index would show.
+    assert alone["slot-a"] != alone["base"]
+
+
 def test_cli_publish_serve_check_against_an_external_replica(stack, tiny_dir, tmp_path, capsys):
     from memupdate.cli import main
     from memupdate.memory.facts import write_facts

