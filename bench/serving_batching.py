@@ -27,9 +27,9 @@ from memupdate.serving.vllm_server import ManagedVLLM, ServerConfig
 SETTINGS = (1, 32)  # --max-num-seqs: the old managed default, then today's
 
 
-def timed(fn):
+def timed(fn, *args):
     t0 = time.monotonic()
-    out = fn()
+    out = fn(*args)
     return out, time.monotonic() - t0
 
 
@@ -39,10 +39,10 @@ def measure(folder, adapter: Path, facts, tok, max_num_seqs: int, work: Path) ->
     try:
         client = server.client
         client.load_adapter("kb", str(adapter))
-        _, base_s = timed(lambda: client.base_locality(tok))
+        _, base_s = timed(client.base_locality, tok)
         times = {"base locality (start-up)": base_s}
         for limit in (GO_LIVE_GREEDY_FACTS, None):
-            report, seconds = timed(lambda: serving_recall(client, "kb", facts, tok, limit))
+            report, seconds = timed(serving_recall, client, "kb", facts, tok, limit)
             times[f"check, {report.greedy_checked} decoded"] = seconds
         return times
     finally:
