@@ -4,7 +4,8 @@ starts, on the CPU platform only; with them a server batches many requests per s
 
 1. The PyTorch LoRA ops pick each row's adapter as `weights[index]`, and a row without an
    adapter has index -1: Python indexing gives it the last slot's adapter, which is a real one
-   once every slot is full. Fixed here: rows without an adapter get no LoRA contribution.
+   once every slot is full. Fixed here: ops of our own, in which rows without an adapter get no
+   LoRA contribution (and each adapter's rows are multiplied by its matrix in one product).
 2. `prompt_logprobs` computes logits for one request's prompt rows at a time, but the LoRA logits
    op maps rows to adapters with one index per request of the step: with several requests in
    the step the shapes disagree and the engine crashes. Fixed here: for those calls the op uses
@@ -31,47 +32,92 @@ def apply() -> None:
         return
     # sgmv_* call the bgmv_* of lora_ops; punica_cpu imported its own references to them.
     for module in (lora_ops, punica_cpu):
-        module.bgmv_shrink = _zero_rows_without_adapter(lora_ops.bgmv_shrink)
-        module.bgmv_expand = _keep_rows_without_adapter(lora_ops.bgmv_expand)
-        module.bgmv_expand_slice = _keep_rows_without_adapter(lora_ops.bgmv_expand_slice)
+        module.bgmv_shrink = bgmv_shrink
+        module.bgmv_expand = bgmv_expand
+        module.bgmv_expand_slice = bgmv_expand_slice
     wrapper = punica_cpu.PunicaWrapperCPU
     wrapper.add_lora_logits = _per_token_prompt_logits(wrapper.add_lora_logits)
     wrapper.__init__ = _patch_runner_on_first_use(wrapper.__init__)
     punica_cpu._memupdate_fixed = True
 
 
-def _rows_without_adapter(indices: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
-    """A mask over the output rows that have no adapter (index -1), or None if there are none.
-    One index for many rows is vLLM's broadcast case: it covers every row."""
-    none = indices < 0
-    if not bool(none.any()):
-        return None
-    if none.numel() == 1:
-        return none.expand(output.shape[0])
-    return none if none.numel() == output.shape[0] else None
+# vLLM's bgmv ops, same signatures and semantics except that rows with index -1 get nothing.
+# They multiply each adapter's rows by its matrix once, where vLLM gathers a copy of the matrix
+# for every row (`weights[indices]`: for the logits, a vocabulary-sized matrix per token).
 
 
-def _zero_rows_without_adapter(shrink):
-    @functools.wraps(shrink)
-    def run(inputs, weights, output, indices, *args, **kwargs):
-        shrink(inputs, weights, output, indices, *args, **kwargs)
-        none = _rows_without_adapter(indices, output)
-        if none is not None:
-            output[none] = 0
+def _products(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype):
+    """(rows, rows' inputs times their adapter's matrix) for each adapter in use; rows is
+    None for all of them. One index for many rows (vLLM's broadcast case) covers every row."""
+    if weights.dim() == 4:
+        weights = weights.squeeze(dim=1)
+    if indices.numel() == 0:
+        return
+    first = int(indices[0])
+    if indices.numel() == 1 or bool((indices == first).all()):  # the usual batch: one adapter
+        if first >= 0:
+            yield None, inputs.to(dtype) @ weights[first].to(dtype).T
+        return
+    for slot in indices.unique().tolist():
+        if slot >= 0:
+            rows = (indices == slot).nonzero().squeeze(1)
+            yield rows, inputs[rows].to(dtype) @ weights[slot].to(dtype).T
 
-    return run
+
+def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling=1.0):
+    out = output_tensor[:, : lora_a_weights.shape[-2]]
+    out.zero_()
+    for rows, product in _products(inputs, lora_a_weights, lora_indices_tensor, out.dtype):
+        _write(out, rows, scaling * product, add=False)
 
 
-def _keep_rows_without_adapter(expand):
-    @functools.wraps(expand)
-    def run(inputs, weights, output, indices, *args, **kwargs):
-        none = _rows_without_adapter(indices, output)
-        kept = None if none is None else output[none].clone()
-        expand(inputs, weights, output, indices, *args, **kwargs)
-        if none is not None:
-            output[none] = kept
+def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs=True):
+    width = min(lora_b_weights.shape[-2], output_tensor.shape[1])
+    _expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, 0, width, add_inputs)
 
-    return run
+
+def bgmv_expand_slice(
+    inputs,
+    lora_b_weights,
+    output_tensor,
+    lora_indices_tensor,
+    slice_offset,
+    slice_size,
+    add_inputs=True,
+):
+    _expand(
+        inputs,
+        lora_b_weights,
+        output_tensor,
+        lora_indices_tensor,
+        slice_offset,
+        slice_size,
+        add_inputs,
+    )
+
+
+def _expand(inputs, weights, out, indices, offset, width, add_inputs):
+    out = out[:, offset : offset + width]
+    # As vLLM's bgmv_expand: one input row goes to every output row; extra input rows (padding)
+    # go nowhere.
+    if inputs.shape[0] == 1 and out.shape[0] != 1:
+        inputs = inputs.expand(out.shape[0], -1)
+    elif inputs.shape[0] > out.shape[0]:
+        inputs, indices = inputs[: out.shape[0]], indices[: out.shape[0]]
+    for rows, product in _products(inputs, weights, indices, out.dtype):
+        _write(out, rows, product[:, :width], add=add_inputs)
+
+
+def _write(out: torch.Tensor, rows, values: torch.Tensor, add: bool) -> None:
+    """out[rows] = values (or +=), in place; rows None for all of them."""
+    if rows is None and add:
+        out.add_(values)
+    elif rows is None:
+        out.copy_(values)
+    elif add:
+        out.index_add_(0, rows, values)
+    else:
+        out.index_copy_(0, rows, values)
 
 
 def _per_token_prompt_logits(add_lora_logits):
