@@ -28,7 +28,7 @@ from memupdate.serving.vllm_server import ManagedVLLM
 
 log = logging.getLogger("memupdate.serving.backends")
 # Facts decoded greedily at go-live (the weakest by served probability; every fact is checked
-# teacher-forced). Decoding one sequence at a time is what a check spends most of its time on.
+# teacher-forced). Decoding costs an engine step per token, batched or not.
 GO_LIVE_GREEDY_FACTS = 8
 
 
