@@ -273,9 +273,9 @@ def serving_recall(
     report = summarize(facts, probs)
     # Greedy decoding is checked on the facts whose lowest served probability is lowest: every
     # fact is already checked teacher-forced, and above 0.5 greedy decoding cannot differ, so the
-    # facts nearest the threshold are the ones a decode could still catch out. Decoding is the
-    # costly part of a check (one token per step for every sequence). Each form
-    # gets its own `greedy_limit`, so the chat endpoint is always among what is asked.
+    # facts nearest the threshold are the ones a decode could still catch out (decoding costs an
+    # engine step per token). Each form gets its own `greedy_limit`, so the chat endpoint is
+    # always among what is asked.
     weakest = sorted(range(len(facts)), key=lambda i: float(probs[i].min()))
     checked = []
     for form in dict.fromkeys(f.form for f in facts):

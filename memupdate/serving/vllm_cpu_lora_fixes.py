@@ -128,15 +128,13 @@ def _per_token_prompt_logits(add_lora_logits):
                 self, y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kwargs
             )
         # The same two ops as vLLM's add_lora_logits, with one index per row.
-        from vllm.lora.punica_wrapper import punica_cpu
-
         indices = self.token_lora_indices[_prompt_rows]
         y = y.view(-1, y.shape[-1])
         x = x.view(-1, x.shape[-1])
         if buffer is None:
             buffer = torch.zeros((x.size(0), lora_b_stacked.size(-1)), dtype=torch.float32)
-        punica_cpu.bgmv_shrink(x, lora_a_stacked, buffer, indices, scale)
-        punica_cpu.bgmv_expand(buffer, lora_b_stacked, y, indices, add_inputs=True)
+        bgmv_shrink(x, lora_a_stacked, buffer, indices, scale)
+        bgmv_expand(buffer, lora_b_stacked, y, indices, add_inputs=True)
 
     return run
 
