@@ -159,9 +159,11 @@ class VLLMClient:
         the same target length)."""
         by_length: dict[int, list[int]] = {}
         texts: list[str] = [""] * len(facts)
-        chats = [i for i, fact in enumerate(facts) if fact.form == "chat"]
+        chats: list[int] = []
         for i, fact in enumerate(facts):
-            if fact.form != "chat":
+            if fact.form == "chat":
+                chats.append(i)
+            else:
                 by_length.setdefault(len(fact.target_ids), []).append(i)
 
         def ask_chat(i: int) -> str:

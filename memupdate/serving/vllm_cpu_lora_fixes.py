@@ -73,7 +73,9 @@ def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scal
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs=True):
     width = min(lora_b_weights.shape[-2], output_tensor.shape[1])
-    _expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, 0, width, add_inputs)
+    bgmv_expand_slice(
+        inputs, lora_b_weights, output_tensor, lora_indices_tensor, 0, width, add_inputs
+    )
 
 
 def bgmv_expand_slice(
@@ -85,27 +87,16 @@ def bgmv_expand_slice(
     slice_size,
     add_inputs=True,
 ):
-    _expand(
-        inputs,
-        lora_b_weights,
-        output_tensor,
-        lora_indices_tensor,
-        slice_offset,
-        slice_size,
-        add_inputs,
-    )
-
-
-def _expand(inputs, weights, out, indices, offset, width, add_inputs):
-    out = out[:, offset : offset + width]
+    out = output_tensor[:, slice_offset : slice_offset + slice_size]
+    indices = lora_indices_tensor
     # As vLLM's bgmv_expand: one input row goes to every output row; extra input rows (padding)
     # go nowhere.
     if inputs.shape[0] == 1 and out.shape[0] != 1:
         inputs = inputs.expand(out.shape[0], -1)
     elif inputs.shape[0] > out.shape[0]:
         inputs, indices = inputs[: out.shape[0]], indices[: out.shape[0]]
-    for rows, product in _products(inputs, weights, indices, out.dtype):
-        _write(out, rows, product[:, :width], add=add_inputs)
+    for rows, product in _products(inputs, lora_b_weights, indices, out.dtype):
+        _write(out, rows, product[:, :slice_size], add=add_inputs)
 
 
 def _write(out: torch.Tensor, rows, values: torch.Tensor, add: bool) -> None:
