@@ -307,7 +307,9 @@ def test_sigkill_in_training_publish_and_serving_check_loses_nothing(tiny_dir, t
 
         # Paused at publish again (30 s), so the retried job cannot list version 2 before the
         # check below: what is checked is the state the crash left.
-        proc = start(MEMUPDATE_FAULT_PAUSE="publish:30")
+        # The serving check of version 2 is then held (staged adapter loaded, not yet checked)
+        # for the third kill to land inside it.
+        proc = start(MEMUPDATE_FAULT_PAUSE="publish:30,serving_check:300")
         assert not list(registry.glob(".incoming-*"))  # swept at start
         still_serving_first_version(proc)
         with proc.client() as client:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from memupdate.memory.encoding import EncodedFact
 from memupdate.serving.probes import probe_record
-from memupdate.serving.registry import Registry, Version
+from memupdate.serving.registry import Registry, Version, fault_point
 from memupdate.serving.vllm_client import (
     ServingError,
     ServingRecall,
@@ -160,6 +160,7 @@ def verify_and_go_live(
     try:
         for client in backend.replicas():
             client.load_adapter(name, str(version.path))
+            fault_point("serving_check")
             results[client.url] = serving_recall(client, name, facts, tokenizer, greedy_limit)
     finally:
         for client in backend.replicas():

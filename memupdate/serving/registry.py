@@ -106,12 +106,14 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
-def _fault_point(name: str) -> None:
-    """Fault injection for the crash tests: MEMUPDATE_FAULT_PAUSE=publish:SECONDS pauses here,
-    widening a window that is otherwise milliseconds so that a test can SIGKILL inside it."""
-    where, _, seconds = os.environ.get("MEMUPDATE_FAULT_PAUSE", "").partition(":")
-    if where == name:
-        time.sleep(float(seconds))
+def fault_point(name: str) -> None:
+    """Fault injection for the crash tests: MEMUPDATE_FAULT_PAUSE=NAME:SECONDS[,NAME:SECONDS]
+    pauses at the named points (publish, serving_check), widening a window that is otherwise
+    too short for a test to SIGKILL inside it."""
+    for pause in os.environ.get("MEMUPDATE_FAULT_PAUSE", "").split(","):
+        where, _, seconds = pause.partition(":")
+        if where == name:
+            time.sleep(float(seconds))
 
 
 def weights_sha256(folder: Path) -> str:
@@ -161,7 +163,7 @@ class Registry:
             sha = weights_sha256(tmp)
             (tmp / "metadata.json").write_text(json.dumps({**metadata, "sha256": sha}, indent=2))
             _fsync_tree(tmp)  # the files are on disk before any row points at them
-            _fault_point("publish")
+            fault_point("publish")
             number = self._commit_version(kb, kb_dir, tmp, rank, sha, metadata)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
