@@ -15,6 +15,7 @@ its source (kind, ℓ, seed), so they need the base model.
 
 absolute:           ΔL = C·r^α·ℓ^−β + b         (the paper's form)
 relative:           ΔL / L0 = C·r^α·ℓ^−β + b    (the share of the base loss removed)
+residual:           L / L0 = C·r^α·ℓ^−β + b     (the share of the base loss left)
 ... rank-free:      the same with α fixed at 0
 If dropping r costs nothing, the law's rank choice carries no information at that budget.
 """
@@ -34,6 +35,8 @@ FORMS = {  # name -> (response, with rank)
     "absolute rank-free": ("absolute", False),
     "relative": ("relative", True),
     "relative rank-free": ("relative", False),
+    "residual": ("residual", True),
+    "residual rank-free": ("residual", False),
 }
 
 

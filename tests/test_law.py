@@ -9,6 +9,7 @@ from memupdate.memory.law import (
     LawPoint,
     ParametricMemoryLaw,
     UnreachableTarget,
+    log_errors,
 )
 
 TRUE = {"C": 10.0, "alpha": 0.45, "beta": 0.6, "b": 0.05}
@@ -63,6 +64,25 @@ def test_a_relative_law_predicts_a_kind_of_fact_it_was_not_fitted_on():
     assert ParametricMemoryLaw.from_dict(old).response == "absolute"
     with pytest.raises(LawError, match="response must be one of"):
         ParametricMemoryLaw.fit_points(seen, "squared")
+
+
+def test_a_residual_law_predicts_the_share_left_and_stopped_runs_bound_it_from_above():
+    """The residual response fits the share of L0 left (less with more rank, α < 0), and a run
+    MemFT stopped counts only where the law predicts more left than it reached."""
+    points = []
+    for r in (1, 4, 16):
+        for ell in (250, 1000, 4000):
+            left = 0.02 * r**-0.5 * ell**0.4
+            after = 3.0 * left
+            recall = 1 / (1 + (after / 0.4) ** 3)
+            points.append(LawPoint(r, ell, 3.0, after, recall, source=f"r{r}-l{ell}"))
+    law = ParametricMemoryLaw.fit_points(points, "residual")
+    assert law.alpha == pytest.approx(-0.5, abs=0.05) and law.fit["r2_log"] > 0.99
+    assert law.predict(4, 1000, 3.0)[0] == pytest.approx(3.0 * 0.02 * 4**-0.5 * 1000**0.4, rel=0.05)
+    assert law.loss_reduction(4, 1000, 3.0) == pytest.approx(3.0 - law.predict(4, 1000, 3.0)[0])
+    stopped = LawPoint(16, 250, 3.0, 0.3, 1.0)  # stopped at 0.1 of L0 left: an upper bound
+    assert log_errors(np.array([0.05]), [stopped], "residual")[0] == 0.0  # less left: no error
+    assert log_errors(np.array([0.2]), [stopped], "residual")[0] == pytest.approx(np.log(2))
 
 
 def test_fit_recovers_known_constants_from_noisy_points():
@@ -311,3 +331,39 @@ def test_a_law_file_for_another_family_is_refused(tmp_path, monkeypatch):
     law.save(user_law_path(identity, family))  # copied under the wrong family's name
     with pytest.raises(LawError, match="fitted for another adapter family"):
         find_law(identity, family)
+
+
+def test_an_upgraded_shipped_law_replaces_a_copy_refined_from_the_old_one(tmp_path, monkeypatch):
+    """This machine's refined copy wins while it was refined from the installed law; once the
+    package ships another law, planning uses that one with the copy's job points added, and
+    the next refinement saves it so."""
+    from memupdate.memory import planning
+    from memupdate.memory.adapter import AdapterFamily
+    from memupdate.memory.base_model import ModelIdentity
+
+    monkeypatch.setenv("MEMUPDATE_HOME", str(tmp_path / "home"))
+    identity, family = ModelIdentity("m", "d"), AdapterFamily(layers=(1,))
+    shipped = tmp_path / "shipped.json"
+    monkeypatch.setattr(planning, "shipped_law_path", lambda *_: shipped)
+    old = ParametricMemoryLaw.fit_points(synthetic_points(0.02), family=family.to_dict())
+    old.save(shipped)
+    job = LawPoint(4, 700, 3.0, 1.0, 0.5, source="job:1")
+    assert planning.record_training(identity, family, job) == planning.user_law_path(
+        identity, family
+    )
+    law, where = planning.find_law(identity, family)
+    assert where == str(planning.user_law_path(identity, family)) and law.points[-1] == job
+
+    new = ParametricMemoryLaw.fit_points(synthetic_points(0.02, seed=1), family=family.to_dict())
+    new.save(shipped)  # the package was upgraded
+    law, where = planning.find_law(identity, family)
+    assert law.points == [*new.points, job] and "1 job point(s)" in where
+    second = LawPoint(8, 900, 3.0, 1.2, 0.5, source="job:2")
+    planning.record_training(identity, family, second)
+    law, where = planning.find_law(identity, family)
+    assert law.points == [*new.points, job, second]
+    assert where == str(planning.user_law_path(identity, family))
+    ParametricMemoryLaw.fit_points(synthetic_points(0.02, seed=2), family=family.to_dict()).save(
+        shipped
+    )  # and again: no job point is lost
+    assert planning.find_law(identity, family)[0].points[-2:] == [job, second]

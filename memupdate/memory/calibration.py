@@ -299,7 +299,7 @@ def plot(law: ParametricMemoryLaw, path: Path) -> None:
     for i, ell in enumerate(lengths):
         color = plt.cm.viridis(i / max(1, len(lengths) - 1))
         pts = [p for p in law.points if group(p) == ell]
-        for stopped, marker in ((False, "o"), (True, "^")):  # ^: MemFT stopped it, a lower bound
+        for stopped, marker in ((False, "o"), (True, "^")):  # ^: MemFT stopped it, a bound
             some = [p for p in pts if p.stopped == stopped]
             left.scatter(
                 [p.rank for p in some],
@@ -308,17 +308,23 @@ def plot(law: ParametricMemoryLaw, path: Path) -> None:
                 marker=marker,
             )
         left.plot(ranks, [law.reduction(r, ell) for r in ranks], color=color, label=f"ℓ≈{ell}")
-    relative = law.response == "relative"
+    response, bound = {
+        "absolute": ("ΔL", "lower"),
+        "relative": ("ΔL/L0", "lower"),
+        "residual": ("L/L0", "upper"),
+    }[law.response]
     left.set(
         xscale="log",
+        yscale="log" if law.response == "residual" else "linear",  # the share left is small
         xlabel="LoRA rank r",
-        ylabel="ΔL / L0" if relative else "ΔL (nats/token)",
-        title=f"{'ΔL/L0' if relative else 'ΔL'} = C·r^α·ℓ^-β + b   "
-        f"(R² log = {law.fit.get('r2_log', float('nan')):.3f})",
+        ylabel=response if law.response != "absolute" else "ΔL (nats/token)",
+        title=f"{response} = C·r^α·ℓ^-β + b   (R² log = {law.fit.get('r2_log', float('nan')):.3f})",
     )
-    l0 = 1.0 if relative else float(np.mean([p.loss_before_nats for p in law.points]))
-    left.axhline(l0, color="grey", linestyle=":", label=f"{l0:.2f}: everything learned")
-    left.scatter([], [], marker="^", color="grey", label="every fact recalled (lower bound)")
+    if law.response != "residual":
+        losses = [p.loss_before_nats for p in law.points]
+        l0 = 1.0 if law.response == "relative" else float(np.mean(losses))
+        left.axhline(l0, color="grey", linestyle=":", label=f"{l0:.2f}: everything learned")
+    left.scatter([], [], marker="^", color="grey", label=f"every fact recalled ({bound} bound)")
     left.legend(fontsize=8)
     predicted = [law.predict(p.rank, p.sequence_length, p.loss_before_nats)[0] for p in law.points]
     right.scatter(predicted, [p.fact_recall for p in law.points], label="runs (predicted loss)")

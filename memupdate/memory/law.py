@@ -2,6 +2,7 @@
 
     ΔL(r, ℓ) = C · r^α · ℓ^(−β) + b                (response "absolute": the paper's form)
     ΔL(r, ℓ) / L0 = C · r^α · ℓ^(−β) + b           (response "relative")
+    L(r, ℓ) / L0 = C · r^α · ℓ^(−β) + b            (response "residual": the share left)
 
 ΔL is the loss reduction under a fixed training budget: mean cross-entropy (nats per target
 token) before training (L0) minus after. r is the LoRA rank (the adapter's parameter count is
@@ -9,7 +10,9 @@ proportional to it for a fixed family), ℓ the total number of target tokens to
 relative response predicts the share of the base loss that training removes, so facts the base
 model finds surprising (a counterfactual update, L0 ≈ 7 nats) and facts it half knows (phone
 numbers, L0 ≈ 2.5) can share one law (bench/law_forms.py measures which response predicts a
-kind of fact it was not fitted on).
+kind of fact it was not fitted on). The residual response predicts the share of L0 left after
+training instead (α < 0 there: more rank leaves less): recall is decided by that small remainder,
+where a share removed near 1 hides it.
 
 A second fitted link maps the loss left after training to fact recall (share of facts whose
 every target token has p > 0.5), a log-logistic curve:
@@ -31,9 +34,11 @@ import numpy as np
 
 from memupdate.memory.adapter import RANK_LADDER
 
+_LINK = "recall = 1 / (1 + (L_after / L50)**k)"
 FORMS = {
-    "absolute": "dL = C * r**alpha * ell**(-beta) + b; recall = 1 / (1 + (L_after / L50)**k)",
-    "relative": "dL / L0 = C * r**alpha * ell**(-beta) + b; recall = 1 / (1 + (L_after / L50)**k)",
+    "absolute": f"dL = C * r**alpha * ell**(-beta) + b; {_LINK}",
+    "relative": f"dL / L0 = C * r**alpha * ell**(-beta) + b; {_LINK}",
+    "residual": f"L_after / L0 = C * r**alpha * ell**(-beta) + b; {_LINK}",
 }
 # Recall 1.0 is the asymptote of the link; a request for 1.0 is planned as this value
 # (training itself still runs until every token passes).
@@ -77,9 +82,11 @@ class LawPoint:
         return self.loss_before_nats - self.loss_after_nats
 
     def reduction(self, response: str) -> float:
-        """What the law's power term predicts for this point: ΔL, or ΔL / L0."""
+        """What the law's power term predicts for this point: ΔL, ΔL / L0, or L / L0."""
         if response == "relative":
             return self.loss_reduction / self.loss_before_nats
+        if response == "residual":
+            return max(self.loss_after_nats, LOSS_FLOOR_NATS) / self.loss_before_nats
         return self.loss_reduction
 
 
@@ -111,13 +118,16 @@ class ParametricMemoryLaw:
 
     # --- prediction -------------------------------------------------------------------
     def reduction(self, rank: float, sequence_length: float) -> float:
-        """The power term: ΔL in nats (absolute), or the share of L0 removed (relative)."""
+        """The power term: ΔL in nats (absolute), the share of L0 removed (relative), or the
+        share of L0 left (residual)."""
         with np.errstate(over="ignore"):  # a wild fit (bench/law_forms.py) gives inf, not an error
             power = np.power(float(rank), self.alpha) * np.power(float(sequence_length), -self.beta)
         return float(self.C * power + self.b)
 
     def loss_reduction(self, rank: float, sequence_length: float, loss_before: float) -> float:
         """Predicted ΔL in nats for facts whose base loss is `loss_before`."""
+        if self.response == "residual":
+            return loss_before * (1.0 - self.reduction(rank, sequence_length))
         scale = loss_before if self.response == "relative" else 1.0
         return scale * self.reduction(rank, sequence_length)
 
@@ -201,7 +211,9 @@ class ParametricMemoryLaw:
         1.6 bits per parameter, six times the most any training here has stored)."""
         ranks = sorted(r for r in candidates if max_rank is None or r <= max_rank)
         predicted = {r: self.predict(r, sequence_length, loss_before) for r in ranks}
-        reduction = {r: max(self.reduction(r, sequence_length), 1e-9) for r in ranks}
+        reduction = {
+            r: max(self.loss_reduction(r, sequence_length, loss_before), 1e-9) for r in ranks
+        }
         best = max(reduction.values())
         if self.extrapolates(sequence_length):
             rank = ranks[-1]
@@ -267,13 +279,14 @@ class ParametricMemoryLaw:
 
 
 def log_errors(predicted, points: list[LawPoint], response: str = "absolute") -> np.ndarray:
-    """log predicted − log observed reduction (ΔL, or ΔL / L0), censored: a run that recalled
-    every fact was stopped by MemFT there, so its reduction is a lower bound and a prediction
-    above it is no error."""
+    """log predicted − log observed reduction (ΔL, ΔL / L0, or L / L0), censored: a run that
+    recalled every fact was stopped by MemFT there, so its reduction is a lower bound (its
+    residual an upper bound) and a prediction beyond it is no error."""
     observed = np.array([p.reduction(response) for p in points], dtype=float)
     stopped = np.array([p.stopped for p in points], dtype=bool)
     error = np.log(np.maximum(predicted, 1e-9)) - np.log(observed)
-    return np.where(stopped & (error > 0), 0.0, error)
+    beyond = error < 0 if response == "residual" else error > 0
+    return np.where(stopped & beyond, 0.0, error)
 
 
 def _fit_power(points: list[LawPoint], response: str) -> tuple[dict, float]:

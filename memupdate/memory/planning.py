@@ -83,18 +83,42 @@ def shipped_law_path(identity: ModelIdentity, family: AdapterFamily) -> Path:
 
 
 def find_law(identity: ModelIdentity, family: AdapterFamily) -> tuple[ParametricMemoryLaw, str]:
-    """The law for this model and family; raises LawError naming what is missing."""
+    """The law for this model and family; raises LawError naming what is missing. This
+    machine's refined copy comes first, unless it was refined from another shipped law than
+    the installed one (the package was upgraded): then the installed law refitted with the
+    copy's job points (the next refinement saves it)."""
     user, shipped = user_law_path(identity, family), shipped_law_path(identity, family)
+    laws = {}
     for path, shown in ((user, str(user)), (shipped, f"shipped:{shipped.name}")):
         if path.is_file():
             law = ParametricMemoryLaw.load(path)
             if law.family and law.family != family.to_dict():  # a file copied under a wrong name
                 raise LawError(f"{path} was fitted for another adapter family: {law.family}")
-            return law, shown
-    raise LawError(
-        f"no calibrated law for {identity.name} ({identity.digest}) with this adapter family; "
-        f"run `memupdate calibrate` to fit one"
+            laws[shown] = law
+    if not laws:
+        raise LawError(
+            f"no calibrated law for {identity.name} ({identity.digest}) with this adapter "
+            f"family; run `memupdate calibrate` to fit one"
+        )
+    refined, installed = laws.get(str(user)), laws.get(f"shipped:{shipped.name}")
+    if refined is None or installed is None:
+        return next(iter(laws.items()))[::-1]
+    if refined.points[: len(installed.points)] == installed.points:
+        return refined, str(user)
+    # Each refinement recorded the point it added.
+    added = [LawPoint(**step["added_point"]) for step in refined.history if "added_point" in step]
+    if not added:
+        return installed, f"shipped:{shipped.name}"
+    law = ParametricMemoryLaw.fit_points(
+        [*installed.points, *added],
+        installed.response,
+        base_model=installed.base_model,
+        family=installed.family,
+        training=installed.training,
     )
+    # Kept as added points, so that a later upgrade finds them again.
+    law.history = [*installed.history, *({"added_point": asdict(p)} for p in added)]
+    return law, f"shipped:{shipped.name} with {len(added)} job point(s) from {user}"
 
 
 def record_training(
