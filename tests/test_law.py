@@ -367,3 +367,12 @@ def test_an_upgraded_shipped_law_replaces_a_copy_refined_from_the_old_one(tmp_pa
         shipped
     )  # and again: no job point is lost
     assert planning.find_law(identity, family)[0].points[-2:] == [job, second]
+
+    # A law this machine calibrated itself (`calibrate --install`) is no copy: it stays first.
+    own = ParametricMemoryLaw.fit_points(synthetic_points(0.02, seed=3), family=family.to_dict())
+    own.save(planning.user_law_path(identity, family))
+    planning.record_training(identity, family, job)
+    law, where = planning.find_law(identity, family)
+    assert law.points == [*own.points, job] and where == str(
+        planning.user_law_path(identity, family)
+    )

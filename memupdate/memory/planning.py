@@ -84,9 +84,9 @@ def shipped_law_path(identity: ModelIdentity, family: AdapterFamily) -> Path:
 
 def find_law(identity: ModelIdentity, family: AdapterFamily) -> tuple[ParametricMemoryLaw, str]:
     """The law for this model and family; raises LawError naming what is missing. This
-    machine's refined copy comes first, unless it was refined from another shipped law than
-    the installed one (the package was upgraded): then the installed law refitted with the
-    copy's job points (the next refinement saves it)."""
+    machine's law (installed by `calibrate --install`, or a refined copy) comes first, unless
+    it is a copy of another shipped law than the installed one (the package was upgraded):
+    then the installed law refitted with the copy's job points (the next refinement saves it)."""
     user, shipped = user_law_path(identity, family), shipped_law_path(identity, family)
     laws = {}
     for path, shown in ((user, str(user)), (shipped, f"shipped:{shipped.name}")):
@@ -103,7 +103,8 @@ def find_law(identity: ModelIdentity, family: AdapterFamily) -> tuple[Parametric
     refined, installed = laws.get(str(user)), laws.get(f"shipped:{shipped.name}")
     if refined is None or installed is None:
         return next(iter(laws.items()))[::-1]
-    if refined.points[: len(installed.points)] == installed.points:
+    copied = any("copied_from" in step for step in refined.history)
+    if not copied or refined.points[: len(installed.points)] == installed.points:
         return refined, str(user)
     # Each refinement recorded the point it added.
     added = [LawPoint(**step["added_point"]) for step in refined.history if "added_point" in step]
@@ -117,7 +118,8 @@ def find_law(identity: ModelIdentity, family: AdapterFamily) -> tuple[Parametric
         training=installed.training,
     )
     # Kept as added points, so that a later upgrade finds them again.
-    law.history = [*installed.history, *({"added_point": asdict(p)} for p in added)]
+    copy = {"copied_from": f"shipped:{shipped.name}"}
+    law.history = [*installed.history, copy, *({"added_point": asdict(p)} for p in added)]
     return law, f"shipped:{shipped.name} with {len(added)} job point(s) from {user}"
 
 
@@ -145,9 +147,11 @@ def record_training(
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            law, _ = find_law(identity, family)
+            law, where = find_law(identity, family)
         except LawError:
             return None
+        if where.startswith("shipped:") and not any("copied_from" in h for h in law.history):
+            law.history = [*law.history, {"copied_from": where}]  # an upgrade replaces it
         budget = budget_steps(law.training, point.facts)
         if budget is not None and point.steps > budget:
             log.info(
