@@ -50,10 +50,10 @@ def main() -> None:
     p.add_argument("--held-out", type=Path, help="default: held-out-points.jsonl there")
     p.add_argument("--targets", required=True, help="kind:ℓ:target, comma-separated")
     p.add_argument("--max-rank", type=int, default=64)
-    p.add_argument("--response", help="the law's response (default: the shipped law's)")
+    p.add_argument("--response", help="the refit's response (default: the baseline's)")
     p.add_argument("--ship-to", type=Path, help="write the law refitted on every point here")
     args = p.parse_args()
-    shipped = ParametricMemoryLaw.load(args.baseline or args.calibration / "law.json")
+    baseline = ParametricMemoryLaw.load(args.baseline or args.calibration / "law.json")
     held = list(load_points(args.held_out or args.calibration / "held-out-points.jsonl").values())
     # points.jsonl may hold the held-out points too (once a law was refitted on them): not here.
     held_sources = {p.source for p in held}
@@ -70,8 +70,8 @@ def main() -> None:
     for point in held:
         cases.setdefault(run_case(point.source), []).append(point)
     ladder = [r for r in RANK_LADDER if r <= args.max_rank]
-    response = args.response or shipped.response
-    meta = {k: getattr(shipped, k) for k in ("base_model", "family", "training")}
+    response = args.response or baseline.response
+    meta = {k: getattr(baseline, k) for k in ("base_model", "family", "training")}
 
     columns = ["kind", "ℓ", "target", "oracle", "baseline: rank (predicted, met)", "refit: same"]
     print("| " + " | ".join(columns) + " |")
@@ -87,7 +87,7 @@ def main() -> None:
         refit = ParametricMemoryLaw.fit_points([*calibration, *others], response)
         loss_before = points[0].loss_before_nats
         row = [kind, str(ell), str(target), str(oracle)]
-        for name, law in (("baseline", shipped), ("refit", refit)):
+        for name, law in (("baseline", baseline), ("refit", refit)):
             rank, predicted = choose(law, ell, target, loss_before, args.max_rank)
             met = achieved(trained, rank, target)
             actual = trained.get(rank)
