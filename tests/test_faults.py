@@ -317,7 +317,9 @@ def test_sigkill_in_training_publish_and_serving_check_loses_nothing(tiny_dir, t
             wait_for(lambda: phase_reached(client, job_id, "published", 3), 300, "publish")
         proc.kill()  # 3: during the serving check of version 2
 
-        proc = start(MEMUPDATE_FAULT_PAUSE="publish:30")  # as above
+        # As above, and the resumed check is held (10 s), so that it cannot make v2 live before
+        # this check.
+        proc = start(MEMUPDATE_FAULT_PAUSE="publish:30,serving_check:10")
         still_serving_first_version(proc)  # v2 is listed, never verified, never live
         with proc.client() as client:
             assert [v.version for v in client.describe("crash").versions] == [1, 2]
