@@ -20,16 +20,7 @@ from pathlib import Path
 
 from memupdate.memory.adapter import RANK_LADDER
 from memupdate.memory.calibration import fit_with_holdout, load_points, run_case
-from memupdate.memory.law import ParametricMemoryLaw, UnreachableTarget
-
-
-def choose(law: ParametricMemoryLaw, ell: int, target: float, loss_before: float, max_rank: int):
-    """The planner's rule (planning.plan_update): (rank, predicted fact recall)."""
-    try:
-        plan = law.choose_rank(ell, target, loss_before, max_rank=max_rank)
-    except UnreachableTarget:
-        plan = law.best_effort_rank(ell, loss_before, max_rank=max_rank)
-    return plan.rank, plan.predicted_fact_recall
+from memupdate.memory.law import ParametricMemoryLaw
 
 
 def achieved(trained: dict[int, float], rank: int, target: float) -> bool | None:
@@ -88,7 +79,8 @@ def main() -> None:
         loss_before = points[0].loss_before_nats
         row = [kind, str(ell), str(target), str(oracle)]
         for name, law in (("baseline", baseline), ("refit", refit)):
-            rank, predicted = choose(law, ell, target, loss_before, args.max_rank)
+            plan, _ = law.plan(ell, target, loss_before, max_rank=args.max_rank)  # as jobs do
+            rank, predicted = plan.rank, plan.predicted_fact_recall
             met = achieved(trained, rank, target)
             actual = trained.get(rank)
             steps = ladder.index(rank) - ladder.index(oracle) if oracle else None

@@ -18,7 +18,7 @@ from common import fact_set, kinds, parser, setup
 from memupdate.memory.adapter import default_family
 from memupdate.memory.base_model import model_identity
 from memupdate.memory.encoding import sequence_length
-from memupdate.memory.law import ParametricMemoryLaw, UnreachableTarget
+from memupdate.memory.law import ParametricMemoryLaw
 from memupdate.memory.planning import LOSS_SAMPLE_SEQUENCES, base_loss_sample, shipped_law_path
 from memupdate.memory.recall import token_probabilities
 
@@ -28,10 +28,7 @@ def mean_loss(per_fact: list[torch.Tensor]) -> float:
 
 
 def chosen_rank(law, ell, target, loss_before, max_rank) -> int:
-    try:
-        return law.choose_rank(ell, target, loss_before, max_rank=max_rank).rank
-    except UnreachableTarget:  # as the planner does
-        return law.best_effort_rank(ell, loss_before, max_rank=max_rank).rank
+    return law.plan(ell, target, loss_before, max_rank=max_rank)[0].rank  # as the planner does
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ from memupdate.memory.encoding import (
     sequence_length,
 )
 from memupdate.memory.fact_sets import fact_bits
-from memupdate.memory.law import ParametricMemoryLaw, UnreachableTarget
+from memupdate.memory.law import ParametricMemoryLaw
 from memupdate.memory.locality import retain_set
 from memupdate.memory.memft import Progress, TrainSettings, train_adapter
 from memupdate.memory.planning import shipped_law_path
@@ -136,12 +136,9 @@ def main() -> None:
         facts = fact_set_source(encode, kind, seed, ell)
         ell = sequence_length(facts)
         loss_before = measure_recall(model, facts, tok.pad_token_id).mean_loss_nats
-        try:
-            chosen = law.choose_rank(ell, target, loss_before, max_rank=args.max_rank).rank
-            fallback = ""
-        except UnreachableTarget:  # what the planner does (planning.plan_update)
-            chosen = law.best_effort_rank(ell, loss_before, max_rank=args.max_rank).rank
-            fallback = " (law: no rank reaches it; best effort)"
+        plan, reached = law.plan(ell, target, loss_before, max_rank=args.max_rank)  # as jobs do
+        chosen = plan.rank
+        fallback = "" if reached else " (law: no rank reaches it; best effort)"
         predicted = law.predict(chosen, ell, loss_before)[1]
         print(
             f"{kind} ℓ={ell} L0={loss_before:.2f} target {target}: chosen rank {chosen}{fallback}, "

@@ -185,6 +185,23 @@ class ParametricMemoryLaw:
             f"knowledge base, lower the target, or raise the serving limit"
         )
 
+    def plan(
+        self,
+        sequence_length: int,
+        target_recall: float,
+        loss_before: float,
+        max_rank: int | None = None,
+    ) -> tuple[Plan, bool]:
+        """The planner's rule: (the smallest rank predicted to reach the target, True), else
+        (the best effort, False). The law's budget is shorter than a job's (MemFT trains until
+        every token passes), so a pessimistic prediction is no reason to refuse a job."""
+        try:
+            return self.choose_rank(
+                sequence_length, target_recall, loss_before, max_rank=max_rank
+            ), True
+        except UnreachableTarget:
+            return self.best_effort_rank(sequence_length, loss_before, max_rank=max_rank), False
+
     def flat_tolerance(self) -> float:
         """Differences in log ΔL below the law's own held-out error are not evidence."""
         return self.fit.get("holdout_mean_abs_log_dl") or FLAT_TOLERANCE
@@ -236,11 +253,12 @@ class ParametricMemoryLaw:
         law.fit = {"r2_log": r2, "n_points": len(points)}
         return law
 
-    def refit_with(self, point: LawPoint) -> "ParametricMemoryLaw":
-        """Add one finished training's point and refit; the old constants go to history."""
+    def refit_with(self, *points: LawPoint) -> "ParametricMemoryLaw":
+        """Add finished trainings' points and refit once; the old constants go to history, with
+        each added point."""
         old = {k: getattr(self, k) for k in ("C", "alpha", "beta", "b", "L50", "k")}
         law = ParametricMemoryLaw.fit_points(
-            [*self.points, point],
+            [*self.points, *points],
             self.response,
             base_model=self.base_model,
             family=self.family,
@@ -248,7 +266,7 @@ class ParametricMemoryLaw:
         )
         law.history = [
             *self.history,
-            {"constants": old, "fit": self.fit, "added_point": asdict(point)},
+            *({"constants": old, "fit": self.fit, "added_point": asdict(p)} for p in points),
         ]
         return law
 

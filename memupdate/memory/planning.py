@@ -25,7 +25,7 @@ from memupdate.memory.adapter import RANK_LADDER, AdapterFamily, params_per_rank
 from memupdate.memory.base_model import ModelIdentity
 from memupdate.memory.calibration import MIN_TRAINING_STEPS, budget_steps
 from memupdate.memory.encoding import EncodedFact, sequence_length
-from memupdate.memory.law import LawError, LawPoint, ParametricMemoryLaw, UnreachableTarget
+from memupdate.memory.law import LawError, LawPoint, ParametricMemoryLaw
 from memupdate.memory.recall import measure_recall
 
 DEFAULT_MAX_RANK = 64
@@ -101,26 +101,25 @@ def find_law(identity: ModelIdentity, family: AdapterFamily) -> tuple[Parametric
             f"family; run `memupdate calibrate` to fit one"
         )
     refined, installed = laws.get(str(user)), laws.get(f"shipped:{shipped.name}")
-    if refined is None or installed is None:
-        return next(iter(laws.items()))[::-1]
-    copied = any("copied_from" in step for step in refined.history)
-    if not copied or refined.points[: len(installed.points)] == installed.points:
+    if refined is None:
+        return installed, f"shipped:{shipped.name}"
+    if installed is None or not _is_copy(refined):
         return refined, str(user)
-    # Each refinement recorded the point it added.
+    if refined.points[: len(installed.points)] == installed.points:
+        return refined, str(user)
+    # Each refinement recorded the point it added; refitted, they are recorded so again, so a
+    # later upgrade finds them too.
     added = [LawPoint(**step["added_point"]) for step in refined.history if "added_point" in step]
     if not added:
         return installed, f"shipped:{shipped.name}"
-    law = ParametricMemoryLaw.fit_points(
-        [*installed.points, *added],
-        installed.response,
-        base_model=installed.base_model,
-        family=installed.family,
-        training=installed.training,
-    )
-    # Kept as added points, so that a later upgrade finds them again.
-    copy = {"copied_from": f"shipped:{shipped.name}"}
-    law.history = [*installed.history, copy, *({"added_point": asdict(p)} for p in added)]
+    law = installed.refit_with(*added)
+    law.history.append({"copied_from": f"shipped:{shipped.name}"})
     return law, f"shipped:{shipped.name} with {len(added)} job point(s) from {user}"
+
+
+def _is_copy(law: ParametricMemoryLaw) -> bool:
+    """Whether `law` is this machine's refined copy of a shipped law (record_training marks it)."""
+    return any("copied_from" in step for step in law.history)
 
 
 def record_training(
@@ -150,7 +149,7 @@ def record_training(
             law, where = find_law(identity, family)
         except LawError:
             return None
-        if where.startswith("shipped:") and not any("copied_from" in h for h in law.history):
+        if where.startswith("shipped:") and not _is_copy(law):
             law.history = [*law.history, {"copied_from": where}]  # an upgrade replaces it
         budget = budget_steps(law.training, point.facts)
         if budget is not None and point.steps > budget:
@@ -208,13 +207,8 @@ def plan_update(
             law, source = find_law(identity, family)
         except LawError as err:
             return planned(largest, None, f"fallback to the largest rank: {err}")
-    try:
-        plan = law.choose_rank(ell, target_recall, loss_before, max_rank=max_rank)
-    except UnreachableTarget:
-        # The law's budget is shorter than a job's (MemFT trains until every token passes), so
-        # a pessimistic prediction is no reason to refuse: take the smallest rank predicted to
-        # do about as well as any (FLAT_TOLERANCE), and say so.
-        best = law.best_effort_rank(ell, loss_before, max_rank=max_rank)
+    plan, reached = law.plan(ell, target_recall, loss_before, max_rank=max_rank)
+    if not reached:  # the best effort (law.plan), and why
         why = (
             f"the largest: ℓ is beyond the longest the law was fitted on "
             f"({max(p.sequence_length for p in law.points)})"
@@ -224,8 +218,8 @@ def plan_update(
         )
         note = (
             f"{source}; within the law's budget no rank up to {max_rank} is predicted to reach "
-            f"fact recall {target_recall} at ℓ={ell} (best {max(best.candidates.values()):.3f}); "
-            f"jobs train past that budget, so rank {best.rank}: {why}"
+            f"fact recall {target_recall} at ℓ={ell} (best {max(plan.candidates.values()):.3f}); "
+            f"jobs train past that budget, so rank {plan.rank}: {why}"
         )
-        return planned(best.rank, best.predicted_fact_recall, note, best.candidates)
+        return planned(plan.rank, plan.predicted_fact_recall, note, plan.candidates)
     return planned(plan.rank, plan.predicted_fact_recall, source, plan.candidates)
