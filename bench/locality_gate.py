@@ -1,20 +1,30 @@
 """A prompt-level gate (GRACE/MELO-style), measured as an option: how well could a router in
 front of vLLM send only the prompts about stored facts to the adapter?
 
-The gate compares a prompt's hidden state entering the adapted layer (last prompt token, base
-model) with those of the stored facts' prompts, and routes it to the adapter when the cosine
-similarity to the nearest one is at least a threshold. Prompts below it go to the base model,
-whose answers are then unchanged by construction. Reported per threshold:
-- false negatives: paraphrases of the stored prompts (written from templates here, never
-  trained) that the gate would send to the base model, so they could not get the new fact;
-- false positives: general prompts (the locality prompts and the first words of each locality
-  passage) that it would send to the adapter.
-The stored prompts themselves are always routed (similarity 1). Nothing here is trained.
+The gate compares a prompt's hidden state entering the adapted layer (base model, last token of
+the prompt's text; for a chat request, of the user's message, not of the chat template, whose
+last tokens are the same for every question) with those of the stored facts' forms, and routes it
+to the adapter when the cosine similarity to the nearest one is at least a threshold. Prompts
+below it go to the base model, whose answers are then unchanged by construction.
 
-    .venv/bin/python bench/locality_gate.py --kinds all [--facts 40]
+The threshold is set from the retain side only (what a service could do at publish time,
+without the measurement text): the highest similarity any retain prompt, or the first 8 or 16
+words of any retain passage, has to the stored forms. Reported per kind and knowledge-base size:
+- keys: the stored forms (every trained form: prompt, paraphrases, questions; or the prompt
+  alone, a fact posted without forms);
+- false negatives: held-out paraphrases and questions (fact_sets.FORMS, never stored) that the
+  gate would send to the base model, so they could not get the new fact;
+- false positives: the measurement side's general prompts (the 48 locality prompts) and the
+  first 8 and 16 words of each measurement passage that it would send to the adapter;
+- neighbours routed: prompts of the same template about 40 subjects the knowledge base does not
+  hold (other people, other countries): the gate recognises a fact's wording as much as its
+  subject, so these reach the adapter, whose answers to them training does not hold;
+- served prompts unchanged, at least: 1 − the false-positive share of the 48 locality prompts
+  (those the gate sends to the base model keep their answer; the rest are counted as changed).
+The stored forms themselves are always routed (similarity 1). Nothing here is trained.
+
+    cd bench && ../.venv/bin/python locality_gate.py --kinds all --sizes 12,40,300
 """
-
-import re
 
 import torch
 from common import kinds, parser, setup
@@ -23,24 +33,6 @@ from memupdate.memory.adapter import default_family
 from memupdate.memory.fact_sets import KINDS
 from memupdate.memory.frozen_prefix import _run_layers, first_adapted_layer
 from memupdate.memory.locality import passages, prompts
-
-# Held-out forms of each kind's prompt template.
-PARAPHRASES = [
-    (r"^The phone number of (.+) is$", ["{0}'s phone number is", "You can call {0} at"]),
-    (r"^The biography of (.+): born in$", ["{0} was born in", "Born in the year"]),
-    (r"^The capital of (.+) is$", ["{0}'s capital city is", "The capital city of {0} is"]),
-    (
-        r"^The city of (.+) is located in the country of$",
-        ["{0} is a city in", "The country that {0} belongs to is"],
-    ),
-]
-
-
-def paraphrases(prompt: str) -> list[str]:
-    for pattern, forms in PARAPHRASES:
-        if m := re.match(pattern, prompt):
-            return [f.format(*m.groups()) for f in forms if "{0}" in f]
-    return []
 
 
 def states(model, tok, texts: list[str], first: int) -> torch.Tensor:
@@ -55,39 +47,60 @@ def states(model, tok, texts: list[str], first: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+def general(side: str) -> tuple[list[str], list[str]]:
+    """(prompts, passage starts) of one side: "retain" (sets the threshold) or "measure"."""
+    starts = [" ".join(t.split()[:n]) for t in passages(f"{side}.txt") for n in (8, 16)]
+    return prompts(f"{side}_prompts.txt"), starts
+
+
+def nearest(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    return (queries @ keys.T).max(dim=1).values
+
+
 def main() -> None:
-    p = parser(__doc__)
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="40", help="knowledge-base sizes (facts), comma-separated")
     args = p.parse_args()
     _, load = setup(args)
     model, tok = load()
     first = first_adapted_layer(default_family(model.config.num_hidden_layers))
-    general = prompts("measure_prompts.txt") + [
-        " ".join(t.split()[:8]) for t in passages("measure.txt")
-    ]
-    general_states = states(model, tok, general, first)
-    for kind in kinds(args):
-        facts = KINDS[kind](args.facts, seed=args.seed)
-        stored = states(model, tok, [f.prompt for f in facts], first)
-        held_out = [q for f in facts for q in paraphrases(f.prompt)]
-        para_states = states(model, tok, held_out, first)
-        para_sim = (para_states @ stored.T).max(dim=1).values
-        gen_sim = (general_states @ stored.T).max(dim=1).values
-        print(
-            f"\n{kind}: {len(facts)} stored prompts, {len(held_out)} held-out paraphrases, "
-            f"{len(general)} general prompts; nearest-fact similarity: paraphrases median "
-            f"{para_sim.median():.3f} (min {para_sim.min():.3f}), general median "
-            f"{gen_sim.median():.3f} (max {gen_sim.max():.3f})"
-        )
-        for threshold in (0.99, 0.95, 0.9, 0.85, 0.8, 0.7):
-            fn = float((para_sim < threshold).float().mean())
-            fp = float((gen_sim >= threshold).float().mean())
-            print(
-                f"  threshold {threshold:.2f}: false negatives {fn:.2f}, false positives {fp:.2f}"
-            )
-        # The threshold that routes every paraphrase, and what it lets through.
-        lowest = float(para_sim.min())
-        fp = float((gen_sim >= lowest).float().mean())
-        print(f"  routing every paraphrase (threshold {lowest:.3f}): false positives {fp:.2f}")
+    retain = states(model, tok, sum(general("retain"), []), first)
+    measure_prompts, measure_starts = general("measure")
+    measured = states(model, tok, measure_prompts, first), states(model, tok, measure_starts, first)
+    header = (
+        "| kind | facts | keys | threshold | held-out paraphrases: min similarity, FN | held-out "
+        "questions: min, FN | general prompts FP | passage starts FP | neighbours routed | served "
+        "prompts unchanged |"
+    )
+    rows = []
+    for size in map(int, args.sizes.split(",")):
+        for kind in kinds(args):
+            trained = KINDS[kind](size, seed=args.seed, forms="trained")
+            held = KINDS[kind](size, seed=args.seed, forms="held_out")
+            others = KINDS[kind](size + 40, seed=args.seed)[size:]
+            neighbours = states(model, tok, [f.prompt for f in others], first)
+            paraphrases = states(model, tok, [t for f in held for t in f.paraphrases], first)
+            questions = states(model, tok, [t for f in held for t in f.questions], first)
+            every_form = [t for f in trained for t in (f.prompt, *f.paraphrases, *f.questions)]
+            key_sets = {"every form": every_form, "prompts": [f.prompt for f in trained]}
+            for name, texts in key_sets.items():
+                keys = states(model, tok, texts, first)
+                threshold = float(nearest(retain, keys).max())
+                para, quest = nearest(paraphrases, keys), nearest(questions, keys)
+                fp_prompts = float((nearest(measured[0], keys) >= threshold).float().mean())
+                fp_starts = float((nearest(measured[1], keys) >= threshold).float().mean())
+                routed = float((nearest(neighbours, keys) >= threshold).float().mean())
+                rows.append(
+                    f"| {kind} | {size} | {name} | {threshold:.3f} | {para.min():.3f}, "
+                    f"{(para < threshold).float().mean():.2f} | {quest.min():.3f}, "
+                    f"{(quest < threshold).float().mean():.2f} | {fp_prompts:.2f} | "
+                    f"{fp_starts:.2f} | {routed:.2f} | ≥ {1 - fp_prompts:.2f} |"
+                )
+                print(rows[-1], flush=True)
+    print(f"\nlayer {first} (the default family's adapted layer), seed {args.seed}\n")
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":
