@@ -1,14 +1,15 @@
 """Incremental updates through the service: what adding 10 facts costs as the base grows.
 
-For each base size it builds a knowledge base of that many phonebook facts, then submits 10
-new facts and times that update from submit to live (training, publish, the serving check of
-every fact through vLLM): a warm start from the live adapter (the service's default). In the same
-run, the old way for comparison: the base and the 10 new facts trained from a fresh adapter into
-a new knowledge base, which is what every update cost before warm starts. Then `--sequential`
-updates of 10 facts each into one knowledge base, and a greedy check through vLLM of every fact
-at the end.
+For each base size it builds a knowledge base of that many facts of one kind (`--kind`),
+then submits 10 new facts and times that update from submit to live (training, publish, the
+serving check of every fact through vLLM): a warm start from the live adapter (the service's
+default). In the same run, the old way for comparison: the base and the 10 new facts trained
+from a fresh adapter into a new knowledge base, which is what every update cost before warm
+starts. Then `--sequential` updates of 10 facts each into one knowledge base, and a greedy check
+through vLLM of every fact at the end.
 
     .venv/bin/python bench/incremental.py [--bases 0,100,300,1000] [--sequential 30] [--rank 0]
+        [--kind phonebook|biography|counterfactual]
 """
 
 import argparse
@@ -22,7 +23,7 @@ from openai_api import ask  # noqa: E402
 from service_process import ServiceProcess  # noqa: E402
 
 from memupdate.memory.base_model import prepare_default_model  # noqa: E402
-from memupdate.memory.fact_sets import phonebook_facts  # noqa: E402
+from memupdate.memory.fact_sets import KINDS  # noqa: E402
 from memupdate.v1 import memupdate_pb2 as pb  # noqa: E402
 
 
@@ -54,14 +55,14 @@ def phases(events) -> str:
     )
 
 
-def run_bases(service, bases, fresh_bases, rank) -> tuple[dict, dict]:
+def run_bases(service, bases, fresh_bases, rank, kind) -> tuple[dict, dict]:
     """Seconds to add 10 facts to each base: warm (an update of the live base) and fresh (the
     same facts, base and new, trained from a fresh adapter into a new knowledge base: what every
     update cost before warm starts)."""
     warm, fresh = {}, {}
     with service.client(timeout_s=120) as client:
         for size in bases:
-            everything = phonebook_facts(size + 10, seed=7000 + size)
+            everything = KINDS[kind](size + 10, seed=7000 + size)
             if size:
                 built, _, events = update(client, f"base-{size}", everything[:size], rank)
                 print(f"  built base-{size}: {built:.0f} s ({phases(events)})", flush=True)
@@ -76,12 +77,12 @@ def run_bases(service, bases, fresh_bases, rank) -> tuple[dict, dict]:
     return warm, fresh
 
 
-def sequential(model, work: Path, count: int, rank: int) -> None:
+def sequential(model, work: Path, count: int, rank: int, kind: str) -> None:
     env = {"MEMUPDATE_PROBE_INTERVAL_S": "0"}
     service = ServiceProcess(work / "sequential", model, "--max-lora-rank", "32", env=env)
     service.start()
     try:
-        facts = phonebook_facts(10 * count, seed=9100)
+        facts = KINDS[kind](10 * count, seed=9100)
         with service.client(timeout_s=120) as client:
             total = time.monotonic()
             for i in range(count):
@@ -110,6 +111,7 @@ def main() -> None:
     p.add_argument("--fresh-bases", default="0,100,300", help="bases also timed the old way")
     p.add_argument("--sequential", type=int, default=30)
     p.add_argument("--rank", type=int, default=0, help="0: the law chooses (the default path)")
+    p.add_argument("--kind", default="phonebook", choices=sorted(KINDS))
     args = p.parse_args()
     model = prepare_default_model()
     bases = [int(b) for b in args.bases.split(",") if b]
@@ -122,7 +124,7 @@ def main() -> None:
             service = ServiceProcess(work / "bases", model, "--max-lora-rank", "32", env=env)
             service.start()
             try:
-                warm, fresh = run_bases(service, bases, fresh_bases, args.rank)
+                warm, fresh = run_bases(service, bases, fresh_bases, args.rank, args.kind)
             finally:
                 service.stop()
             print(f"\nadding 10 facts, seconds from submit to live (rank {args.rank}):")
@@ -136,7 +138,7 @@ def main() -> None:
                 )
             print(line)
         if args.sequential:
-            sequential(model, work, args.sequential, args.rank)
+            sequential(model, work, args.sequential, args.rank, args.kind)
 
 
 if __name__ == "__main__":
