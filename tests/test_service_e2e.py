@@ -55,6 +55,8 @@ def test_submit_watch_live_update_and_rollback(service):
         assert job.serving_recall.fact_recall == 1.0 and job.version == 1
         gate = Gate.load(service.data_dir / "registry" / "phones" / "v1")
         assert gate is not None and len(gate.keys) == len(FIRST) and 0 < gate.threshold <= 1
+        trained = next(e for e in events if e.kind == "trained")
+        assert f"gate: {len(FIRST)} stored forms" in trained.message
         for prompt, target in pairs(FIRST):
             assert ask(service.vllm_url, "phones", prompt).startswith(target)
 

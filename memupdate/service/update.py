@@ -24,7 +24,7 @@ from memupdate.memory.encoding import EncodedFact, encode_facts, model_context_l
 from memupdate.memory.facts import Fact, FactError, check_fact_count
 from memupdate.memory.frozen_prefix import first_adapted_layer
 from memupdate.memory.gate import Gate
-from memupdate.memory.locality import measure_locality, retain_set
+from memupdate.memory.locality import locality_prompts, measure_locality, retain_set
 from memupdate.memory.memft import DEFAULT_MARGIN, Progress, TrainSettings, train_adapter
 from memupdate.memory.planning import PlanReport, plan_update, record_training
 from memupdate.memory.warm_start import WarmStartError
@@ -200,16 +200,12 @@ def _train(rt: Runtime, encoded, settings, on_progress, start_from, work: Path, 
             retain=retain,
         )
         locality = None
-        saved = result.success or source is None
         try:
-            if saved:
+            if result.success or source is None:
                 peft_model.save_pretrained(work / "adapter")
                 locality = measure_locality(peft_model, rt.tokenizer)
         finally:
             rt.model = peft_model.unload()  # the base model, untouched, for the next job
-        if saved and rt.gate:  # published with the adapter: vLLM's plugin reads it
-            layer = first_adapted_layer(settings.family)
-            Gate.build(rt.model, rt.tokenizer, encoded, layer).save(work / "adapter")
         return result, locality
 
     if start_from is not None:
@@ -222,6 +218,20 @@ def _train(rt: Runtime, encoded, settings, on_progress, start_from, work: Path, 
             why = f"warm start failed ({err})"
         emit("training_fresh", {"message": f"{why}; training a fresh adapter"})
     return once(None)
+
+
+def _save_gate(rt: Runtime, encoded, folder: Path) -> dict:
+    """Save the version's prompt gate beside its adapter (vLLM's plugin reads it there); what
+    it stores, and the share of the general locality prompts it would send to the adapter."""
+    gate = Gate.build(rt.model, rt.tokenizer, encoded, first_adapted_layer(rt.family))
+    gate.save(folder)
+    general = locality_prompts()
+    routed = sum(gate.routes(rt.model, rt.tokenizer, p) for p in general) / len(general)
+    return {
+        "stored_forms": len(gate.keys),
+        "threshold": round(gate.threshold, 4),
+        "general_prompts_routed": routed,
+    }
 
 
 def warm_start_source(rt: Runtime, kb: str) -> tuple[Path | None, int, str]:
@@ -287,6 +297,7 @@ def run_update(
         work = Path(tempfile.mkdtemp(prefix="memupdate-job-"))
         try:
             result, locality = _train(rt, encoded, settings, on_progress, start_from, work, emit)
+            gate = _save_gate(rt, encoded, work / "adapter") if rt.gate and result.success else None
             train_s = time.monotonic() - started - plan_s
             PHASE_SECONDS.labels("train").observe(train_s)
             TRAINING_STEPS.inc(result.steps)
@@ -301,8 +312,16 @@ def run_update(
                     "locality": locality.to_dict() if locality else None,
                     "steps": result.steps,
                     "seconds": result.seconds,
+                    "gate": gate,
                     "message": f"{result.epochs} epochs, {result.steps} steps"
-                    + (f"; {locality.line()}" if locality else ""),
+                    + (f"; {locality.line()}" if locality else "")
+                    + (
+                        f"; gate: {gate['stored_forms']} stored forms, "
+                        f"{gate['general_prompts_routed']:.2f} of general prompts routed to the "
+                        "adapter"
+                        if gate
+                        else ""
+                    ),
                 },
             )
             record_training(
@@ -341,6 +360,7 @@ def run_update(
                     "steps": result.steps,
                     "training_recall": result.recall.to_dict(),
                     "locality": locality.to_dict() if locality else None,
+                    "gate": gate,
                 },
                 merged,
             )

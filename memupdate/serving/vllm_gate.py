@@ -15,6 +15,7 @@ process from the served model's folder (a copy of the base model beside vLLM's).
 """
 
 import logging
+import sys
 from pathlib import Path
 
 log = logging.getLogger("memupdate.vllm_gate")
@@ -88,10 +89,18 @@ class GatedAdapters:
         return lora if routed else None
 
 
+SERVING_MODULE = "vllm.entrypoints.serve.engine.serving"
+
+
 def install() -> None:
-    """Wrap vLLM's adapter choice (in every process; only the API server's choice is used). The
-    gate's forward pass runs on the server's event loop: tens of milliseconds a request on a
-    small base model, before the request is queued."""
+    """Wrap vLLM's adapter choice in the API server's process: the one that has imported its
+    serving module by the time plugins load. Elsewhere (the engine's processes) nothing is
+    imported: that module brings gRPC in, and a process that forks after gRPC started can
+    abort (seen here: vLLM exiting with -6 at start-up). The gate's forward pass runs on the
+    server's event loop: tens of milliseconds a request on a small base model, before the
+    request is queued."""
+    if SERVING_MODULE not in sys.modules:
+        return
     from vllm.entrypoints.serve.engine.serving import BaseServing
 
     if getattr(BaseServing._maybe_get_adapters, "memupdate_gate", None):
