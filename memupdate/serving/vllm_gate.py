@@ -79,7 +79,7 @@ class GatedAdapters:
         model, tokenizer = self.base(serving.model_config.model)
         similarity = gate.similarity(model, tokenizer, text)
         routed = similarity >= gate.threshold
-        log.info(
+        log.debug(
             "gate of %s: similarity %.3f, threshold %.3f: %s",
             lora.lora_name,
             similarity,
