@@ -26,24 +26,13 @@ The stored forms themselves are always routed (similarity 1). Nothing here is tr
     cd bench && ../.venv/bin/python locality_gate.py --kinds all --sizes 12,40,300
 """
 
-import torch
 from common import kinds, parser, setup
 
 from memupdate.memory.adapter import default_family
 from memupdate.memory.fact_sets import KINDS
 from memupdate.memory.frozen_prefix import first_adapted_layer
-from memupdate.memory.gate import Gate, text_states
-from memupdate.memory.locality import locality_prompts, passages
-
-
-def general_prompts() -> tuple[list[str], list[str]]:
-    """The measurement side: (the locality prompts, the first 8 and 16 words of each passage)."""
-    starts = [" ".join(t.split()[:n]) for t in passages("measure.txt") for n in (8, 16)]
-    return locality_prompts(), starts
-
-
-def nearest(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    return (queries @ keys.T).max(dim=1).values
+from memupdate.memory.gate import Gate, passage_starts, text_states
+from memupdate.memory.locality import locality_prompts
 
 
 def main() -> None:
@@ -53,7 +42,8 @@ def main() -> None:
     _, load = setup(args)
     model, tok = load()
     first = first_adapted_layer(default_family(model.config.num_hidden_layers))
-    measured = [text_states(model, tok, texts, first) for texts in general_prompts()]
+    general = (locality_prompts(), passage_starts("measure.txt"))  # the measurement side
+    measured = [text_states(model, tok, texts, first) for texts in general]
     header = (
         "| kind | facts | keys | threshold | held-out paraphrases: min similarity, FN | held-out "
         "questions: min, FN | general prompts FP | passage starts FP | neighbours routed | served "
@@ -72,11 +62,11 @@ def main() -> None:
             key_sets = {"every form": every_form, "prompts": [f.prompt for f in trained]}
             for name, texts in key_sets.items():
                 gate = Gate.from_texts(model, tok, texts, first)
-                keys, threshold = gate.keys, gate.threshold
-                para, quest = nearest(paraphrases, keys), nearest(questions, keys)
-                fp_prompts = float((nearest(measured[0], keys) >= threshold).float().mean())
-                fp_starts = float((nearest(measured[1], keys) >= threshold).float().mean())
-                routed = float((nearest(neighbours, keys) >= threshold).float().mean())
+                threshold = gate.threshold
+                para, quest = gate.nearest(paraphrases), gate.nearest(questions)
+                fp_prompts = float((gate.nearest(measured[0]) >= threshold).float().mean())
+                fp_starts = float((gate.nearest(measured[1]) >= threshold).float().mean())
+                routed = float((gate.nearest(neighbours) >= threshold).float().mean())
                 rows.append(
                     f"| {kind} | {size} | {name} | {threshold:.3f} | {para.min():.3f}, "
                     f"{(para < threshold).float().mean():.2f} | {quest.min():.3f}, "

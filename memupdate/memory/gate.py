@@ -37,11 +37,15 @@ def stored_texts(facts: list[EncodedFact]) -> list[str]:
     return list(dict.fromkeys(f.asked for f in facts))
 
 
+def passage_starts(name: str) -> list[str]:
+    """The first 8 and the first 16 words of each passage of a shipped text: prompt-sized
+    general text."""
+    return [" ".join(p.split()[:n]) for p in passages(name) for n in (8, 16)]
+
+
 def retain_texts() -> list[str]:
-    """General text from the retain side: the retain prompts, and the first 8 and 16 words of
-    each retain passage."""
-    starts = [" ".join(p.split()[:n]) for p in passages("retain.txt") for n in (8, 16)]
-    return prompts("retain_prompts.txt") + starts
+    """General text from the retain side: the retain prompts and the retain passages' starts."""
+    return prompts("retain_prompts.txt") + passage_starts("retain.txt")
 
 
 def text_states(model, tokenizer, texts: list[str], layer: int) -> torch.Tensor:
@@ -74,9 +78,13 @@ class Gate:
         general = text_states(model, tokenizer, retain_texts(), layer)
         return cls(keys, layer, float((general @ keys.T).max()))
 
+    def nearest(self, states: torch.Tensor) -> torch.Tensor:
+        """Each state's cosine similarity to its nearest stored form."""
+        return (states @ self.keys.T).max(dim=1).values
+
     def similarity(self, model, tokenizer, text: str) -> float:
         """Cosine similarity of `text` to the nearest stored form."""
-        return float((text_states(model, tokenizer, [text], self.layer) @ self.keys.T).max())
+        return float(self.nearest(text_states(model, tokenizer, [text], self.layer)))
 
     def routes(self, model, tokenizer, text: str) -> bool:
         """Whether `text` goes to the adapter."""

