@@ -29,6 +29,8 @@ def band_weights(logp: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.where(p <= threshold, 1.0, torch.where(p < 0.9, 0.1, 0.0))
 
 
+# The paper's line: weight 0 as soon as a token passes the stopping threshold (0.5 + margin 0.1).
+PAPER_LINE = 0.6
 # name: (mode, extra TrainSettings / train_adapter arguments)
 VARIANTS = {
     "uniform": ("uniform", {}),
@@ -36,19 +38,19 @@ VARIANTS = {
     # solid facts at 1x the others
     "memft": ("memft", {}),
     # the paper's code: weight 0 above the stopping threshold, mean over the weighted tokens
-    "memft-paper": ("memft", {"train_until": None, "replay": None, "mean_over_all": False}),
+    "memft-paper": ("memft", {"train_until": PAPER_LINE, "replay": None, "mean_over_all": False}),
     "memft-until0.9-meanweighted-all": ("memft", {"replay": None, "mean_over_all": False}),
     "memft-r0.25": ("memft", {"replay": 0.25}),
     "memft-until0.8": ("memft", {"train_until": 0.8}),
     "memft-meanweighted": ("memft", {"mean_over_all": False}),
     "memft-all": ("memft", {"replay": None}),
-    "memft-paper-meanall": ("memft", {"train_until": None, "replay": None}),
+    "memft-paper-meanall": ("memft", {"train_until": PAPER_LINE, "replay": None}),
     "memft-until0.95": ("memft", {"train_until": 0.95}),
     "memft-until0.99": ("memft", {"train_until": 0.99}),
     "memft-soft": (
         "memft",
         {
-            "train_until": None,
+            "train_until": PAPER_LINE,
             "replay": None,
             "mean_over_all": False,
             "token_weights": soft_weights,
@@ -57,7 +59,7 @@ VARIANTS = {
     "memft-band": (
         "memft",
         {
-            "train_until": None,
+            "train_until": PAPER_LINE,
             "replay": None,
             "mean_over_all": False,
             "token_weights": band_weights,

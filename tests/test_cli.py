@@ -146,8 +146,14 @@ def test_unknown_model_folder_is_a_clear_error(tmp_path, facts_file, capsys):
             ["--adapter-layers", "2,2"],
             "a layer is named twice in [2, 2]",
         ),
+        (
+            ["--train-until", "1.0"],
+            "train_until must be in (0.5, 1), got 1.0",
+            ["--adapter-train-until", "0.4"],
+            "adapter_train_until",
+        ),
     ],
-    ids=["projection", "layer"],
+    ids=["projection", "layer", "line"],
 )
 def test_a_bad_adapter_family_is_refused_before_anything_starts(
     tiny_dir, tmp_path, capsys, calibrate_flags, calibrate_error, serve_flags, serve_error

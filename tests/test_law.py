@@ -376,3 +376,20 @@ def test_an_upgraded_shipped_law_replaces_a_copy_refined_from_the_old_one(tmp_pa
     assert law.points == [*own.points, job] and where == str(
         planning.user_law_path(identity, family)
     )
+
+
+def test_the_default_and_the_gated_family_each_have_a_shipped_law():
+    """What the service trains by default, with and without `--gate`, is planned by a law fitted
+    for exactly that family (a law found under another family's name would be refused)."""
+    from memupdate.memory.adapter import choose_family
+    from memupdate.memory.base_model import ModelIdentity
+    from memupdate.memory.planning import shipped_law_path
+
+    # The default model as `make setup` installs it (its digest names the shipped laws).
+    identity = ModelIdentity("SmolLM2-135M-Instruct", "af7a85575389cc2d")
+    default, gated = choose_family(30), choose_family(30, gated=True)
+    assert "train_until" not in default.to_dict()  # the laws recorded before the line existed
+    assert (gated.learning_rate, gated.train_until) == (5e-3, 0.99)
+    for family in (default, gated):
+        law = ParametricMemoryLaw.load(shipped_law_path(identity, family))
+        assert law.family == family.to_dict()

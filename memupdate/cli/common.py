@@ -55,6 +55,7 @@ class Base:
             args.lr,
             args.locality_weight,
             args.norm_weight,
+            args.train_until,
         )
 
 
@@ -63,6 +64,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-facts", type=int, default=DEFAULT_MAX_FACTS)
     p.add_argument("--layers", help="layers to adapt: comma list or 'all' (default: 5/6 depth)")
     p.add_argument("--lr", type=float, help="learning rate (default: the family's)")
+    p.add_argument(
+        "--train-until",
+        type=float,
+        help="MemFT trains a token until its p is above this (default: the family's)",
+    )
     p.add_argument(
         "--locality-weight",
         type=float,

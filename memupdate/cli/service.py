@@ -30,6 +30,7 @@ def _config(args):
         adapter_learning_rate=args.adapter_lr,
         adapter_locality_weight=args.adapter_locality_weight,
         adapter_norm_weight=args.adapter_norm_weight,
+        adapter_train_until=args.adapter_train_until,
         gate=args.gate,
     )
 
@@ -90,11 +91,16 @@ def _shared_options(cmd) -> None:
         help="the adapter family's weight of the update's norm on unrelated text (0: off)",
     )
     cmd.add_argument(
+        "--adapter-train-until",
+        type=float,
+        help="the adapter family's training line: MemFT trains a token until its p is above it",
+    )
+    cmd.add_argument(
         "--gate",
         action="store_true",
         default=None,
         help="publish each version with a prompt gate: vLLM answers prompts unlike any stored "
-        "fact with the base model",
+        "fact with the base model (jobs then train the gated family: lr 5e-3, line 0.99)",
     )
 
 

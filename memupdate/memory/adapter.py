@@ -1,4 +1,5 @@
-"""The adapter family: which modules and layers get LoRA, with what alpha and learning rate.
+"""The adapter family: which modules and layers get LoRA, with what alpha, learning rate and
+training terms.
 
 The family is part of the law's identity: a law fitted for one family says nothing about
 another. Rank is the one free dimension the law chooses.
@@ -14,6 +15,8 @@ RANK_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # phone numbers with the adapter on layer 20, weight 0 / 1 / 4 / 16 kept 0.84 / 0.96 / 0.97 / 0.98
 # of next-token answers on unrelated text, at 1.0 / 1.7 / 2.5 / 3.7 times the training time.
 DEFAULT_LOCALITY_WEIGHT = 4.0
+# MemFT's training line at the default rate (memory/memft.py, bench/memft_vs_uniform.py).
+DEFAULT_TRAIN_UNTIL = 0.9
 
 
 @dataclass(frozen=True)
@@ -34,11 +37,17 @@ class AdapterFamily:
     # projection's output on the retain text's activations, relative to the projection's own
     # output (memory/locality.py, UpdateNorm). It needs no forward pass per step. 0 turns it off.
     norm_weight: float = 0.0
+    # MemFT trains a target token until its p is above this line (memory/memft.py): the band
+    # above the stopping threshold is a margin against drift. A larger rate needs a higher line
+    # (bench/memft_vs_uniform.py: at 5e-3, 0.9 took 2.2x the steps of 0.99 on phone numbers).
+    train_until: float = DEFAULT_TRAIN_UNTIL
 
     def __post_init__(self):
         for term in ("locality_weight", "norm_weight"):
             if getattr(self, term) < 0:
                 raise ValueError(f"{term} must be at least 0 (0 turns the term off)")
+        if not 0.5 < self.train_until < 1:
+            raise ValueError(f"train_until must be in (0.5, 1), got {self.train_until}")
 
     @property
     def keeps_locality(self) -> bool:
@@ -65,6 +74,8 @@ class AdapterFamily:
         for term in ("locality_weight", "norm_weight"):
             if not data[term]:  # as recorded before the term existed: their laws still fit
                 del data[term]
+        if data["train_until"] == DEFAULT_TRAIN_UNTIL:  # likewise, before the line was a setting
+            del data["train_until"]
         return data
 
     @classmethod
@@ -72,6 +83,7 @@ class AdapterFamily:
         data = dict(data)
         data.setdefault("locality_weight", 0.0)  # families recorded before the terms existed
         data.setdefault("norm_weight", 0.0)
+        data.setdefault("train_until", DEFAULT_TRAIN_UNTIL)
         data["target_modules"] = tuple(data["target_modules"])
         if data.get("layers") is not None:
             data["layers"] = tuple(data["layers"])
@@ -88,6 +100,16 @@ def default_family(num_layers: int) -> AdapterFamily:
         layers=(min(num_layers - 1, (5 * num_layers) // 6),),
         locality_weight=DEFAULT_LOCALITY_WEIGHT,
     )
+
+
+def gated_family(num_layers: int) -> AdapterFamily:
+    """The family jobs train when the service gates prompts (memory/gate.py): the default
+    family at lr 5e-3 with the training line at 0.99. A gated adapter answers only prompts close
+    to its facts, so what a larger rate costs in locality (token agreement 0.93-0.95 against
+    0.97) no longer reaches general prompts, and what it buys stays: 0.50-0.76x the steps and
+    held-out wordings reached far more often (biographies 0.85 / 0.80 of held-out paraphrases /
+    questions against 0.525 / 0.287; docs/benchmarks.md, "A larger rate and the 0.99 line")."""
+    return replace(default_family(num_layers), learning_rate=5e-3, train_until=0.99)
 
 
 def check_modules(modules) -> list[str]:
@@ -118,10 +140,13 @@ def choose_family(
     learning_rate: float | None = None,
     locality_weight: float | None = None,
     norm_weight: float | None = None,
+    train_until: float | None = None,
+    gated: bool = False,
 ) -> AdapterFamily:
-    """The default family with any setting a user gave replaced (command flags, service
-    config). `layers=None` means every layer; "default" keeps the family's placement."""
-    family = default_family(num_layers)
+    """The default family (the gated one for a service that gates prompts) with any setting a
+    user gave replaced (command flags, service config). `layers=None` means every layer;
+    "default" keeps the family's placement."""
+    family = gated_family(num_layers) if gated else default_family(num_layers)
     check_modules(modules or ())
     if modules:
         family = replace(family, target_modules=tuple(modules))
@@ -135,6 +160,8 @@ def choose_family(
         family = replace(family, locality_weight=locality_weight)
     if norm_weight is not None:
         family = replace(family, norm_weight=norm_weight)
+    if train_until is not None:
+        family = replace(family, train_until=train_until)
     return family
 
 

@@ -3,9 +3,10 @@
 Training runs in epochs over shuffled batches of facts; a step runs only the adapted layers and
 those above them (memory/frozen_prefix.py). Two modes share everything but the loss:
 - `memft`: the paper's threshold weighting, tuned by measurement (bench/memft_vs_uniform.py). A
-  target token's loss has weight 1 while p <= `train_until` (0.9) and 0 above it; the weighted sum
-  is divided by the batch's token count, and a batch with no weighted token takes no optimizer
-  step (its forward pass still refreshes what is known about its facts). The band between the
+  target token's loss has weight 1 while p <= the family's `train_until` (0.9 by default) and 0
+  above it; the weighted sum is divided by the batch's token count, and a batch with no weighted
+  token takes no optimizer step (its forward pass still refreshes what is known about its
+  facts). The band between the
   stopping threshold and `train_until` builds a margin, so a passed token does not drift straight
   back below the threshold while others train. Each epoch visits the facts still training plus a
   replay sample of the solid ones (`replay`), so when most of a base is solid (an incremental
@@ -66,10 +67,11 @@ class TrainSettings:
     max_steps: int = 2000  # batches visited (a batch whose tokens all passed counts too)
     max_seconds: float | None = None
     seed: int = 0
-    # MemFT trains a token until its p is above `train_until` (at least the stopping threshold
+    # MemFT trains a token until its p is above this line (at least the stopping threshold
     # 0.5 + margin): the band between them builds a margin, so a passed token does not drift
-    # straight back under the threshold while others train. None: the stopping threshold.
-    train_until: float | None = 0.9
+    # straight back under the threshold while others train. None: the family's line (a
+    # benchmark's override otherwise; the law describes the family's).
+    train_until: float | None = None
     # Facts whose every token is above `train_until` are revisited per epoch at this multiple of
     # the facts still training (MemFT only); None visits every fact every epoch.
     replay: float | None = 1.0
@@ -91,8 +93,9 @@ class TrainSettings:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if not 0 <= self.margin < 0.5:
             raise ValueError(f"margin must be in [0, 0.5), got {self.margin}")
-        if self.train_until is not None and not 0.5 + self.margin <= self.train_until < 1:
-            raise ValueError(f"train_until must be in [0.5 + margin, 1), got {self.train_until}")
+        line = self.weight_threshold
+        if not 0.5 + self.margin <= line < 1:
+            raise ValueError(f"train_until must be in [0.5 + margin, 1), got {line}")
 
     @property
     def threshold(self) -> float:
@@ -102,7 +105,7 @@ class TrainSettings:
     @property
     def weight_threshold(self) -> float:
         """MemFT trains a token until it is above this."""
-        return self.threshold if self.train_until is None else self.train_until
+        return self.family.train_until if self.train_until is None else self.train_until
 
 
 @dataclass

@@ -49,17 +49,19 @@ class ServiceConfig(BaseSettings):
     warm_start: bool = True
     # Publish each version with a prompt gate (memupdate/memory/gate.py): vLLM's plugin answers a
     # request for the knowledge base with the base model unless it is close to a stored fact's
-    # form, so prompts about other things keep the base model's answers exactly.
+    # form, so prompts about other things keep the base model's answers exactly. Jobs then train
+    # the gated family (a larger rate: faster, and facts reached from more wordings).
     gate: bool = False
     # The adapter family every job trains (and whose law plans the rank): empty / None keep the
-    # default family's modules, learning rate and locality terms' weights
-    # (memupdate.memory.adapter.default_family).
+    # default family's modules, learning rate, training line and locality terms' weights
+    # (memupdate.memory.adapter.default_family, or gated_family with the gate on).
     adapter_modules: list[str] = []
     # Layers to adapt (empty: the default family's one layer at five sixths of the depth).
     adapter_layers: list[int] = []
     adapter_learning_rate: float | None = Field(default=None, gt=0)
     adapter_locality_weight: float | None = Field(default=None, ge=0)
     adapter_norm_weight: float | None = Field(default=None, ge=0)
+    adapter_train_until: float | None = Field(default=None, gt=0.5, lt=1)
     # How long a job waits for unreachable vLLM replicas (retrying with backoff) before failing.
     serving_wait_s: float = Field(default=300.0, ge=0)
     # Training workers inside `memupdate serve` (each holds its own copy of the model); 0 when

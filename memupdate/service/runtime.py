@@ -60,6 +60,8 @@ def load_runtime(config: ServiceConfig, registry: Registry, backend: ServingBack
             learning_rate=config.adapter_learning_rate,
             locality_weight=config.adapter_locality_weight,
             norm_weight=config.adapter_norm_weight,
+            train_until=config.adapter_train_until,
+            gated=config.gate,
         ),
         registry,
         backend,
