@@ -14,7 +14,6 @@ from prometheus_client import start_http_server
 
 from memupdate.database import redact
 from memupdate.memory.base_model import resolve_model_dir
-from memupdate.memory.locality import prepare as prepare_locality
 from memupdate.service.config import ServiceConfig
 from memupdate.service.metrics import REPLICA_UP, register_collectors, unregister_collectors
 from memupdate.service.monitor import MonitorSettings, RecallMonitor
@@ -130,7 +129,7 @@ def _start_on(config, store, registry, folder, server, port, metrics_server) -> 
         plan_rt = load_runtime(config, registry, backend)
         runtimes = [load_runtime(config, registry, backend) for _ in range(config.workers)]
         for rt in runtimes:
-            prepare_locality(rt.model, rt.tokenizer, rt.family)
+            rt.prepare()
         # Before any job: asked while a job trains, vLLM and the training contend for the same
         # cores (measured in `make demo` on 2 cores: planning 23-50 s instead of 6 s).
         ask_base_locality(backend.replicas(), plan_rt.model, plan_rt.tokenizer)

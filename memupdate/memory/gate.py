@@ -25,7 +25,7 @@ import torch
 
 from memupdate.memory.encoding import EncodedFact
 from memupdate.memory.frozen_prefix import _run_layers
-from memupdate.memory.locality import passages, prompts
+from memupdate.memory.locality import cached_from_base, locality_prompts, passages, prompts
 
 KEYS_FILE = "gate.safetensors"
 SETTINGS_FILE = "gate.json"
@@ -60,6 +60,24 @@ def text_states(model, tokenizer, texts: list[str], layer: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+def retain_states(model, tokenizer, layer: int) -> torch.Tensor:
+    """The retain texts' states (they set every gate's threshold), computed once per base model
+    and layer: the same for every version a service publishes."""
+    return cached_from_base(
+        model, ("gate-retain", layer), lambda: text_states(model, tokenizer, retain_texts(), layer)
+    )
+
+
+def general_prompt_states(model, tokenizer, layer: int) -> torch.Tensor:
+    """The 48 general locality prompts' states (what share of them a gate routes), computed once
+    per base model and layer."""
+    return cached_from_base(
+        model,
+        ("gate-general", layer),
+        lambda: text_states(model, tokenizer, locality_prompts(), layer),
+    )
+
+
 @dataclass
 class Gate:
     keys: torch.Tensor  # (stored forms, hidden size), unit length
@@ -75,7 +93,7 @@ class Gate:
     def from_texts(cls, model, tokenizer, texts: list[str], layer: int) -> "Gate":
         """The gate that stores these texts, its threshold from the retain side."""
         keys = text_states(model, tokenizer, texts, layer)
-        general = text_states(model, tokenizer, retain_texts(), layer)
+        general = retain_states(model, tokenizer, layer)
         return cls(keys, layer, float((general @ keys.T).max()))
 
     def nearest(self, states: torch.Tensor) -> torch.Tensor:
@@ -89,6 +107,11 @@ class Gate:
     def routes(self, model, tokenizer, text: str) -> bool:
         """Whether `text` goes to the adapter."""
         return self.similarity(model, tokenizer, text) >= self.threshold
+
+    def general_prompts_routed(self, model, tokenizer) -> float:
+        """The share of the 48 general locality prompts this gate sends to the adapter."""
+        states = general_prompt_states(model, tokenizer, self.layer)
+        return float((self.nearest(states) >= self.threshold).float().mean())
 
     def save(self, folder: Path) -> None:
         from safetensors.torch import save_file

@@ -172,14 +172,15 @@ def top_k_kl(base_logp: torch.Tensor, base_ids: torch.Tensor, logits: torch.Tens
 
 
 # What is computed from the base model alone (the references per first adapted layer and text,
-# the update norm's second moments per family placement), kept while the process uses it: the
-# base does not change, and building one costs a forward pass over a text. A service holds one
-# base model; the bound keeps test runs that load many from holding them all.
+# the update norm's second moments per family placement, the gate's general texts' states), kept
+# while the process uses it: the base does not change, and building one costs a forward pass
+# over a text. A service holds one base model; the bound keeps test runs that load many from
+# holding them all.
 _cache: OrderedDict[tuple, tuple[object, object]] = OrderedDict()
 _KEEP = 8
 
 
-def _cached(model, key: tuple, build):
+def cached_from_base(model, key: tuple, build):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     key = (id(base), *key)
     if key not in _cache:
@@ -203,7 +204,7 @@ def _reference(model, tokenizer, first: int, kind: str) -> Reference:
         ]
         return Reference(model, sequences, first)
 
-    return _cached(model, (first, kind), build)
+    return cached_from_base(model, (first, kind), build)
 
 
 def _first_lora_layer(model) -> int:
@@ -358,7 +359,7 @@ class RetainSet:
             _reference(model, tokenizer, first, "retain") if self.locality_weight else None
         )
         self.norm = (
-            _cached(
+            cached_from_base(
                 model,
                 ("norm", family.target_modules, family.layers),
                 lambda: UpdateNorm(model, tokenizer, family),

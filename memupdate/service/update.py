@@ -23,8 +23,9 @@ from memupdate.memory.calibration import training_point
 from memupdate.memory.encoding import EncodedFact, encode_facts, model_context_length
 from memupdate.memory.facts import Fact, FactError, check_fact_count
 from memupdate.memory.frozen_prefix import first_adapted_layer
-from memupdate.memory.gate import Gate
-from memupdate.memory.locality import locality_prompts, measure_locality, retain_set
+from memupdate.memory.gate import Gate, general_prompt_states, retain_states
+from memupdate.memory.locality import measure_locality, retain_set
+from memupdate.memory.locality import prepare as prepare_locality
 from memupdate.memory.memft import DEFAULT_MARGIN, Progress, TrainSettings, train_adapter
 from memupdate.memory.planning import PlanReport, plan_update, record_training
 from memupdate.memory.warm_start import WarmStartError
@@ -82,6 +83,16 @@ class Runtime:
 
     def encode(self, facts: list[Fact]) -> list[EncodedFact]:
         return encode_facts(facts, self.tokenizer, model_context_length(self.model))
+
+    def prepare(self) -> None:
+        """Compute what every job needs from the base model alone (a service does this at
+        start-up, so its first update does not wait for it): the locality references and, with
+        the gate, the general texts' states every gate is set and described by."""
+        prepare_locality(self.model, self.tokenizer, self.family)
+        if self.gate:
+            layer = first_adapted_layer(self.family)
+            retain_states(self.model, self.tokenizer, layer)
+            general_prompt_states(self.model, self.tokenizer, layer)
 
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -225,12 +236,10 @@ def _save_gate(rt: Runtime, encoded, folder: Path) -> dict:
     it stores, and the share of the general locality prompts it would send to the adapter."""
     gate = Gate.build(rt.model, rt.tokenizer, encoded, first_adapted_layer(rt.family))
     gate.save(folder)
-    general = locality_prompts()
-    routed = sum(gate.routes(rt.model, rt.tokenizer, p) for p in general) / len(general)
     return {
         "stored_forms": len(gate.keys),
         "threshold": round(gate.threshold, 4),
-        "general_prompts_routed": routed,
+        "general_prompts_routed": gate.general_prompts_routed(rt.model, rt.tokenizer),
     }
 
 

@@ -157,7 +157,6 @@ def run_worker_process(config) -> None:
     from prometheus_client import start_http_server
 
     from memupdate.database import redact
-    from memupdate.memory.locality import prepare as prepare_locality
     from memupdate.service.runtime import (
         in_passing_thread,
         load_runtime,
@@ -188,7 +187,7 @@ def run_worker_process(config) -> None:
 
     def load_and_prepare():
         runtime = load_runtime(config, registry, backend)
-        prepare_locality(runtime.model, runtime.tokenizer, runtime.family)
+        runtime.prepare()
         ask_base_locality(backend.replicas(), runtime.model, runtime.tokenizer)
         return runtime
 
