@@ -63,7 +63,7 @@ def test_metrics_endpoint_documents_the_job(stack):
         'memupdate_kb_target_fact_recall{knowledge_base="phones"} 1.0',
         'memupdate_kb_facts{knowledge_base="phones"} 4.0',
         'memupdate_kb_adapter_rank{knowledge_base="phones"} 8.0',
-        'memupdate_kb_version_info{knowledge_base="phones",version="1"} 1.0',
+        'memupdate_kb_version_info{gated="false",knowledge_base="phones",version="1"} 1.0',
         'memupdate_job_transitions_total{state="LIVE"} 1.0',
         'memupdate_jobs{state="LIVE"} 1.0',
         'memupdate_job_phase_duration_seconds_count{phase="train"} 1.0',

@@ -104,7 +104,8 @@ class KnowledgeBaseCollector:
         regressed = gauge("regressed", "1 if the last successful probe found a recall regression.")
         info = InfoMetricFamily(
             "memupdate_kb_version",
-            "The live version of each knowledge base.",
+            "The live version of each knowledge base, and whether vLLM serves it behind its "
+            "prompt gate (general prompts then get the base model, whatever its locality).",
             labels=["knowledge_base"],
         )
         now = time.time()
@@ -114,7 +115,8 @@ class KnowledgeBaseCollector:
                 continue
             meta = live.metadata
             plan = meta.get("plan", {})
-            info.add_metric([kb], {"version": str(live.version)})
+            gated = "true" if meta.get("gate") else "false"
+            info.add_metric([kb], {"version": str(live.version), "gated": gated})
             target.add_metric([kb], live.target_fact_recall)
             facts.add_metric([kb], meta.get("facts", len(live.facts())))
             rank.add_metric([kb], live.rank)
