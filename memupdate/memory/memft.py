@@ -6,11 +6,10 @@ those above them (memory/frozen_prefix.py). Two modes share everything but the l
   target token's loss has weight 1 while p <= the family's `train_until` (0.9 by default) and 0
   above it; the weighted sum is divided by the batch's token count, and a batch with no weighted
   token takes no optimizer step (its forward pass still refreshes what is known about its
-  facts). The band between the
-  stopping threshold and `train_until` builds a margin, so a passed token does not drift straight
-  back below the threshold while others train. Each epoch visits the facts still training plus a
-  replay sample of the solid ones (`replay`), so when most of a base is solid (an incremental
-  update) an epoch costs what is new, not the whole base.
+  facts). The band between the stopping threshold and `train_until` builds a margin, so a passed
+  token does not drift straight back below the threshold while others train. Each epoch visits
+  the facts still training plus a replay sample of the solid ones (`replay`), so when most of a
+  base is solid (an incremental update) an epoch costs what is new, not the whole base.
 - `uniform`: plain cross-entropy on all target tokens, every fact every epoch: the baseline.
 Both stop the same way: when every fact passed at its latest visit, a check of every fact (no
 gradient, fp32) confirms it. The final report is a full-model fp32 pass, so success means every
