@@ -64,9 +64,8 @@ def main() -> None:
                 gate = Gate.from_texts(model, tok, texts, first)
                 threshold = gate.threshold
                 para, quest = gate.nearest(paraphrases), gate.nearest(questions)
-                fp_prompts = float((gate.nearest(measured[0]) >= threshold).float().mean())
-                fp_starts = float((gate.nearest(measured[1]) >= threshold).float().mean())
-                routed = float((gate.nearest(neighbours) >= threshold).float().mean())
+                fp_prompts, fp_starts = (gate.routed_share(m) for m in measured)
+                routed = gate.routed_share(neighbours)
                 rows.append(
                     f"| {kind} | {size} | {name} | {threshold:.3f} | {para.min():.3f}, "
                     f"{(para < threshold).float().mean():.2f} | {quest.min():.3f}, "

@@ -108,10 +108,13 @@ class Gate:
         """Whether `text` goes to the adapter."""
         return self.similarity(model, tokenizer, text) >= self.threshold
 
+    def routed_share(self, states: torch.Tensor) -> float:
+        """The share of these texts' states (text_states) this gate sends to the adapter."""
+        return float((self.nearest(states) >= self.threshold).float().mean())
+
     def general_prompts_routed(self, model, tokenizer) -> float:
         """The share of the 48 general locality prompts this gate sends to the adapter."""
-        states = general_prompt_states(model, tokenizer, self.layer)
-        return float((self.nearest(states) >= self.threshold).float().mean())
+        return self.routed_share(general_prompt_states(model, tokenizer, self.layer))
 
     def save(self, folder: Path) -> None:
         from safetensors.torch import save_file
