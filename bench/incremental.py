@@ -9,7 +9,7 @@ starts. Then `--sequential` updates of 10 facts each into one knowledge base, an
 through vLLM of every fact at the end.
 
     .venv/bin/python bench/incremental.py [--bases 0,100,300,1000] [--sequential 30] [--rank 0]
-        [--kind phonebook|biography|counterfactual]
+        [--kind phonebook|biography|counterfactual] [--gate]
 """
 
 import argparse
@@ -77,9 +77,9 @@ def run_bases(service, bases, fresh_bases, rank, kind) -> tuple[dict, dict]:
     return warm, fresh
 
 
-def sequential(model, work: Path, count: int, rank: int, kind: str) -> None:
+def sequential(model, work: Path, count: int, rank: int, kind: str, flags: list[str]) -> None:
     env = {"MEMUPDATE_PROBE_INTERVAL_S": "0"}
-    service = ServiceProcess(work / "sequential", model, "--max-lora-rank", "32", env=env)
+    service = ServiceProcess(work / "sequential", model, "--max-lora-rank", "32", *flags, env=env)
     service.start()
     try:
         facts = KINDS[kind](10 * count, seed=9100)
@@ -112,7 +112,9 @@ def main() -> None:
     p.add_argument("--sequential", type=int, default=30)
     p.add_argument("--rank", type=int, default=0, help="0: the law chooses (the default path)")
     p.add_argument("--kind", default="phonebook", choices=sorted(KINDS))
+    p.add_argument("--gate", action="store_true", help="run the service with --gate")
     args = p.parse_args()
+    flags = ["--gate"] if args.gate else []
     model = prepare_default_model()
     bases = [int(b) for b in args.bases.split(",") if b]
     fresh_bases = {int(b) for b in args.fresh_bases.split(",") if b}
@@ -121,7 +123,9 @@ def main() -> None:
         env = {"MEMUPDATE_PROBE_INTERVAL_S": "0"}
         warm, fresh = {}, {}
         if bases:
-            service = ServiceProcess(work / "bases", model, "--max-lora-rank", "32", env=env)
+            service = ServiceProcess(
+                work / "bases", model, "--max-lora-rank", "32", *flags, env=env
+            )
             service.start()
             try:
                 warm, fresh = run_bases(service, bases, fresh_bases, args.rank, args.kind)
@@ -138,7 +142,7 @@ def main() -> None:
                 )
             print(line)
         if args.sequential:
-            sequential(model, work, args.sequential, args.rank, args.kind)
+            sequential(model, work, args.sequential, args.rank, args.kind, flags)
 
 
 if __name__ == "__main__":

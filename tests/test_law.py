@@ -393,3 +393,32 @@ def test_the_default_and_the_gated_family_each_have_a_shipped_law():
     for family in (default, gated):
         law = ParametricMemoryLaw.load(shipped_law_path(identity, family))
         assert law.family == family.to_dict()
+
+
+def test_a_job_the_law_already_predicts_refines_it_without_a_refit():
+    """The shipped gated law and the first job of a benchmark run on 2026-12-06 (20 phone-number
+    forms, ℓ 220, rank 1, every fact recalled, as the law predicted). Refitting on it moved α
+    from 0.009 to 10.2 and let rank 2 hold 3,000 tokens of phone numbers; refined, the point is
+    kept and the constants stay. A training the law mispredicts still refits it."""
+    from memupdate.memory.adapter import choose_family
+    from memupdate.memory.base_model import ModelIdentity
+    from memupdate.memory.planning import shipped_law_path
+
+    identity = ModelIdentity("SmolLM2-135M-Instruct", "af7a85575389cc2d")
+    law = ParametricMemoryLaw.load(shipped_law_path(identity, choose_family(30, gated=True)))
+    job = LawPoint(1, 220, 2.9457, 0.0079, 1.0, 1.0, 10176, "job:base-0", 172, 20)
+    assert law.explains(job)
+    refined = law.refined_with(job)
+    assert refined.points == [*law.points, job]
+    assert refined.history[-1]["added_point"]["source"] == "job:base-0"
+    for rank in (1, 2, 4, 8):
+        assert refined.predict(rank, 3000, 2.99) == law.predict(rank, 3000, 2.99)
+    assert law.predict(2, 3000, 2.99)[1] < 0.2
+    assert law.refit_with(job).predict(2, 3000, 2.99)[1] > 0.9  # what a refit did
+
+    # Rank 4 at ℓ 3,000 recalling 0.2 of the facts, where the law predicts 0.83: refitted.
+    surprise = LawPoint(4, 3000, 2.99, 1.5, 0.2, source="job:surprise", steps=2000, facts=273)
+    assert not law.explains(surprise)
+    corrected = law.refined_with(surprise)
+    assert corrected.history[-1]["constants"]["alpha"] == law.alpha
+    assert corrected.predict(4, 3000, 2.99)[1] < law.predict(4, 3000, 2.99)[1] - 0.3

@@ -27,7 +27,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,10 @@ LOSS_FLOOR_NATS = 1e-4
 # Predicted loss reductions within this much of each other (in log ΔL) count as equal, unless
 # the law knows its own held-out error.
 FLAT_TOLERANCE = 0.05
+# A finished training the law predicts this closely refines it without a refit
+# (ParametricMemoryLaw.refined_with).
+EXPLAINED_LOG_ERROR = 0.05
+EXPLAINED_RECALL_ERROR = 0.05
 
 
 class LawError(ValueError):
@@ -252,6 +256,29 @@ class ParametricMemoryLaw:
         law = cls(**power, **link, points=list(points), response=response, **meta)
         law.fit = {"r2_log": r2, "n_points": len(points)}
         return law
+
+    def explains(self, point: LawPoint) -> bool:
+        """Whether the law already predicts this training: its censored log error within
+        EXPLAINED_LOG_ERROR and its fact recall within EXPLAINED_RECALL_ERROR."""
+        predicted = np.array([self.reduction(point.rank, point.sequence_length)])
+        error = float(log_errors(predicted, [point], self.response)[0])
+        recall = self.predict(point.rank, point.sequence_length, point.loss_before_nats)[1]
+        return (
+            abs(error) <= EXPLAINED_LOG_ERROR
+            and abs(recall - point.fact_recall) <= EXPLAINED_RECALL_ERROR
+        )
+
+    def refined_with(self, *points: LawPoint) -> "ParametricMemoryLaw":
+        """Online refinement: the law with finished trainings' points added, refitted only when
+        one of them is a training the law does not already predict. Most points are censored
+        (MemFT stopped at full recall), so many constants fit them equally well and a refit on
+        a point that adds nothing can still move them far: one job of 20 phone-number forms
+        (ℓ 220, rank 1, every fact recalled, as the gated law predicted) took its α from 0.009
+        to 10.2, and its rank 2 at ℓ 3,000 from a predicted 0.10 to 1.00."""
+        if any(not self.explains(p) for p in points):
+            return self.refit_with(*points)
+        history = [{"added_point": asdict(p), "refit": False} for p in points]
+        return replace(self, points=[*self.points, *points], history=[*self.history, *history])
 
     def refit_with(self, *points: LawPoint) -> "ParametricMemoryLaw":
         """Add finished trainings' points and refit once; the old constants go to history, with

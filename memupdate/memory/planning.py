@@ -112,7 +112,7 @@ def find_law(identity: ModelIdentity, family: AdapterFamily) -> tuple[Parametric
     added = [LawPoint(**step["added_point"]) for step in refined.history if "added_point" in step]
     if not added:
         return installed, f"shipped:{shipped.name}"
-    law = installed.refit_with(*added)
+    law = installed.refined_with(*added)
     law.history.append({"copied_from": f"shipped:{shipped.name}"})
     return law, f"shipped:{shipped.name} with {len(added)} job point(s) from {user}"
 
@@ -125,7 +125,8 @@ def _is_copy(law: ParametricMemoryLaw) -> bool:
 def record_training(
     identity: ModelIdentity, family: AdapterFamily, point: LawPoint, warm_start: bool = False
 ) -> Path | None:
-    """Online refinement: add a finished training's point to this model's law and refit.
+    """Online refinement: add a finished training's point to this model's law, refitted when
+    the law did not already predict it (ParametricMemoryLaw.refined_with).
 
     Read-modify-write under an exclusive file lock, written atomically, so concurrent writers
     neither lose points nor leave a torn file. The first refinement of a shipped law copies it
@@ -160,7 +161,7 @@ def record_training(
                 budget,
             )
             return None
-        law.refit_with(point).save(path)
+        law.refined_with(point).save(path)
     return path
 
 
