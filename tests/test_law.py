@@ -422,3 +422,26 @@ def test_a_job_the_law_already_predicts_refines_it_without_a_refit():
     corrected = law.refined_with(surprise)
     assert corrected.history[-1]["constants"]["alpha"] == law.alpha
     assert corrected.predict(4, 3000, 2.99)[1] < law.predict(4, 3000, 2.99)[1] - 0.3
+
+
+def test_a_copy_refitted_before_the_rule_is_planned_with_the_rule(tmp_path, monkeypatch):
+    """This machine's copy of the gated law had been refitted on the demo's jobs (α 10.2); the
+    same copy, written as the old rule wrote it, is read as the shipped law refined by today's
+    rule, its job point kept."""
+    from memupdate.memory.adapter import choose_family
+    from memupdate.memory.base_model import ModelIdentity
+    from memupdate.memory.planning import find_law, shipped_law_path, user_law_path
+
+    monkeypatch.setenv("MEMUPDATE_HOME", str(tmp_path))
+    identity = ModelIdentity("SmolLM2-135M-Instruct", "af7a85575389cc2d")
+    family = choose_family(30, gated=True)
+    shipped = ParametricMemoryLaw.load(shipped_law_path(identity, family))
+    job = LawPoint(1, 220, 2.9457, 0.0079, 1.0, 1.0, 10176, "job:base-0", 172, 20)
+    drifted = shipped.refit_with(job)
+    drifted.history.insert(0, {"copied_from": f"shipped:{shipped_law_path(identity, family).name}"})
+    drifted.save(user_law_path(identity, family))
+    law, where = find_law(identity, family)
+    assert where == str(user_law_path(identity, family))
+    assert law.points == [*shipped.points, job]
+    assert (law.alpha, law.beta, law.C) == (shipped.alpha, shipped.beta, shipped.C)
+    assert law.predict(2, 3000, 2.99) == shipped.predict(2, 3000, 2.99)

@@ -84,9 +84,9 @@ def shipped_law_path(identity: ModelIdentity, family: AdapterFamily) -> Path:
 
 def find_law(identity: ModelIdentity, family: AdapterFamily) -> tuple[ParametricMemoryLaw, str]:
     """The law for this model and family; raises LawError naming what is missing. This
-    machine's law (installed by `calibrate --install`, or a refined copy) comes first, unless
-    it is a copy of another shipped law than the installed one (the package was upgraded):
-    then the installed law refitted with the copy's job points (the next refinement saves it)."""
+    machine's law (installed by `calibrate --install`) comes first; a refined copy of a shipped
+    law is the installed shipped law refined with the copy's job points (after an upgrade, the
+    next refinement saves it)."""
     user, shipped = user_law_path(identity, family), shipped_law_path(identity, family)
     laws = {}
     for path, shown in ((user, str(user)), (shipped, f"shipped:{shipped.name}")):
@@ -105,15 +105,17 @@ def find_law(identity: ModelIdentity, family: AdapterFamily) -> tuple[Parametric
         return installed, f"shipped:{shipped.name}"
     if installed is None or not _is_copy(refined):
         return refined, str(user)
-    if refined.points[: len(installed.points)] == installed.points:
-        return refined, str(user)
-    # Each refinement recorded the point it added; refitted, they are recorded so again, so a
-    # later upgrade finds them too.
+    # Each refinement recorded the point it added. The copy is rebuilt from the installed law
+    # and those points by today's rule (law.refined_with): the same law when nothing changed,
+    # the upgraded law after an upgrade, and no drift kept from copies refitted on points the
+    # law already predicted (before 2026-12-06). Rebuilt, they are recorded so again.
     added = [LawPoint(**step["added_point"]) for step in refined.history if "added_point" in step]
     if not added:
         return installed, f"shipped:{shipped.name}"
     law = installed.refined_with(*added)
     law.history.append({"copied_from": f"shipped:{shipped.name}"})
+    if refined.points[: len(installed.points)] == installed.points:
+        return law, str(user)
     return law, f"shipped:{shipped.name} with {len(added)} job point(s) from {user}"
 
 
