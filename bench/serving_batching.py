@@ -45,9 +45,10 @@ def timed(fn, *args):
     return out, time.monotonic() - t0
 
 
-def measure(folder, adapter: Path, facts, tok, fields: dict, work: Path, limits) -> dict:
+def measure(folder, adapter: Path, facts, tok, label: str, fields: dict, work: Path, limits):
     config = ServerConfig(model=folder, max_lora_rank=8, **fields)
-    server = ManagedVLLM(config, log_path=work / f"vllm-{len(list(work.iterdir()))}.log").start()
+    log = work / f"vllm-{label.replace(' ', '-')}.log"
+    server = ManagedVLLM(config, log_path=log).start()
     try:
         client = server.client
         client.load_adapter("kb", str(adapter))
@@ -78,7 +79,7 @@ def main() -> None:
     family = default_family(model.config.num_hidden_layers)
     get_peft_model(model, family.lora_config(8)).save_pretrained(work / "adapter")
     results = {
-        label: measure(folder, work / "adapter", facts, tok, fields, work, limits)
+        label: measure(folder, work / "adapter", facts, tok, label, fields, work, limits)
         for label, fields in SETTINGS[args.compare]
     }
     (base, _), (variant, _) = SETTINGS[args.compare]

@@ -378,6 +378,12 @@ def test_an_upgraded_shipped_law_replaces_a_copy_refined_from_the_old_one(tmp_pa
     )
 
 
+# The default model as `make setup` installs it, and the first job of a benchmark run on
+# 2026-12-06 with the gated family (20 phone-number forms, ℓ 220, rank 1, every fact recalled).
+DEFAULT_MODEL = ("SmolLM2-135M-Instruct", "af7a85575389cc2d")
+GATED_JOB = LawPoint(1, 220, 2.9457, 0.0079, 1.0, 1.0, 10176, "job:base-0", 172, 20)
+
+
 def test_the_default_and_the_gated_family_each_have_a_shipped_law():
     """What the service trains by default, with and without `--gate`, is planned by a law fitted
     for exactly that family (a law found under another family's name would be refused)."""
@@ -385,8 +391,7 @@ def test_the_default_and_the_gated_family_each_have_a_shipped_law():
     from memupdate.memory.base_model import ModelIdentity
     from memupdate.memory.planning import shipped_law_path
 
-    # The default model as `make setup` installs it (its digest names the shipped laws).
-    identity = ModelIdentity("SmolLM2-135M-Instruct", "af7a85575389cc2d")
+    identity = ModelIdentity(*DEFAULT_MODEL)  # its digest names the shipped laws
     default, gated = choose_family(30), choose_family(30, gated=True)
     assert "train_until" not in default.to_dict()  # the laws recorded before the line existed
     assert (gated.learning_rate, gated.train_until) == (5e-3, 0.99)
@@ -395,18 +400,22 @@ def test_the_default_and_the_gated_family_each_have_a_shipped_law():
         assert law.family == family.to_dict()
 
 
-def test_a_job_the_law_already_predicts_refines_it_without_a_refit():
-    """The shipped gated law and the first job of a benchmark run on 2026-12-06 (20 phone-number
-    forms, ℓ 220, rank 1, every fact recalled, as the law predicted). Refitting on it moved α
-    from 0.009 to 10.2 and let rank 2 hold 3,000 tokens of phone numbers; refined, the point is
-    kept and the constants stay. A training the law mispredicts still refits it."""
+def _shipped_gated_law():
+    """(identity, gated family, its shipped law)."""
     from memupdate.memory.adapter import choose_family
     from memupdate.memory.base_model import ModelIdentity
     from memupdate.memory.planning import shipped_law_path
 
-    identity = ModelIdentity("SmolLM2-135M-Instruct", "af7a85575389cc2d")
-    law = ParametricMemoryLaw.load(shipped_law_path(identity, choose_family(30, gated=True)))
-    job = LawPoint(1, 220, 2.9457, 0.0079, 1.0, 1.0, 10176, "job:base-0", 172, 20)
+    identity, family = ModelIdentity(*DEFAULT_MODEL), choose_family(30, gated=True)
+    return identity, family, ParametricMemoryLaw.load(shipped_law_path(identity, family))
+
+
+def test_a_job_the_law_already_predicts_refines_it_without_a_refit():
+    """The shipped gated law predicted GATED_JOB. Refitting on it moved α from 0.009 to 10.2
+    and let rank 2 hold 3,000 tokens of phone numbers; refined, the point is kept and the
+    constants stay. A training the law mispredicts still refits it."""
+    _, _, law = _shipped_gated_law()
+    job = GATED_JOB
     assert law.explains(job)
     refined = law.refined_with(job)
     assert refined.points == [*law.points, job]
@@ -428,20 +437,15 @@ def test_a_copy_refitted_before_the_rule_is_planned_with_the_rule(tmp_path, monk
     """This machine's copy of the gated law had been refitted on the demo's jobs (α 10.2); the
     same copy, written as the old rule wrote it, is read as the shipped law refined by today's
     rule, its job point kept."""
-    from memupdate.memory.adapter import choose_family
-    from memupdate.memory.base_model import ModelIdentity
     from memupdate.memory.planning import find_law, shipped_law_path, user_law_path
 
     monkeypatch.setenv("MEMUPDATE_HOME", str(tmp_path))
-    identity = ModelIdentity("SmolLM2-135M-Instruct", "af7a85575389cc2d")
-    family = choose_family(30, gated=True)
-    shipped = ParametricMemoryLaw.load(shipped_law_path(identity, family))
-    job = LawPoint(1, 220, 2.9457, 0.0079, 1.0, 1.0, 10176, "job:base-0", 172, 20)
-    drifted = shipped.refit_with(job)
+    identity, family, shipped = _shipped_gated_law()
+    drifted = shipped.refit_with(GATED_JOB)
     drifted.history.insert(0, {"copied_from": f"shipped:{shipped_law_path(identity, family).name}"})
     drifted.save(user_law_path(identity, family))
     law, where = find_law(identity, family)
     assert where == str(user_law_path(identity, family))
-    assert law.points == [*shipped.points, job]
+    assert law.points == [*shipped.points, GATED_JOB]
     assert (law.alpha, law.beta, law.C) == (shipped.alpha, shipped.beta, shipped.C)
     assert law.predict(2, 3000, 2.99) == shipped.predict(2, 3000, 2.99)
