@@ -6,15 +6,19 @@ does), and once more from a fresh adapter (the baseline, in the same run). Print
 steps, and the lowest fact recall seen while training (how far the old facts were knocked back).
 
     .venv/bin/python bench/warm_start.py --kinds all [--base 40] [--rank 16]
-        [--variants fresh,warm]
+        [--variants fresh,warm,warm-lr0.2] [--gate]
+
+`--gate` trains the gated family (what `memupdate serve --gate` jobs train); `warm-lrX` is a warm
+start at X times the family's learning rate.
 """
 
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from common import fact_set, kinds, parser, setup
 
-from memupdate.memory.adapter import default_family
+from memupdate.memory.adapter import default_family, gated_family
 from memupdate.memory.locality import retain_set
 from memupdate.memory.memft import TrainSettings, train_adapter
 
@@ -22,14 +26,24 @@ from memupdate.memory.memft import TrainSettings, train_adapter
 # learning-rate warm-up, and weight 1 on the tokens of replayed solid facts, both settings of
 # TrainSettings in commit 7f0a72a (`warmup_steps`, `anchor_solid`); stacked updates (the saved
 # adapter frozen, a block of rank 1 or 4 trained on top), commit 16ed814 (`freeze_start`).
-VARIANTS = {"fresh": (False, {}), "warm": (True, {})}
+VARIANTS = {"fresh": (False, 1.0), "warm": (True, 1.0)}
 
 
-def run(load, facts, args, start_from=None, save_to=None, **extra):
+def variant(name: str) -> tuple[bool, float]:
+    """(warm start?, learning-rate scale) of a variant name."""
+    if name.startswith("warm-lr"):
+        return True, float(name.removeprefix("warm-lr"))
+    if name not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}: fresh, warm or warm-lrSCALE")
+    return VARIANTS[name]
+
+
+def run(load, facts, args, start_from=None, save_to=None, lr_scale=1.0):
     model, tok = load()
-    family = default_family(model.config.num_hidden_layers)
+    family = (gated_family if args.gate else default_family)(model.config.num_hidden_layers)
+    family = replace(family, learning_rate=family.learning_rate * lr_scale)
     settings = TrainSettings(
-        rank=args.rank, family=family, seed=args.seed, max_steps=args.max_steps, **extra
+        rank=args.rank, family=family, seed=args.seed, max_steps=args.max_steps
     )
     lowest = [1.0]
 
@@ -55,10 +69,13 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--base", type=int, default=40)
     p.add_argument("--variants", default="fresh,warm")
+    p.add_argument("--gate", action="store_true", help="the gated family (serve --gate)")
     p.set_defaults(rank=16)
     args = p.parse_args()
     _, load = setup(args)
     names = args.variants.split(",")
+    for name in names:
+        variant(name)  # an unknown name stops the run before any training
     for k, kind in enumerate(kinds(args)):
         facts = fact_set(load, kind, args.base + 10, args.seed)
         base = fact_set(load, kind, args.base + 10, args.seed, first=args.base)
@@ -68,8 +85,8 @@ def main() -> None:
             print(f"\n{kind}: base of {args.base} built in {built.seconds:.0f} s; +10 facts:")
             times = {}
             for name in names if k % 2 == 0 else names[::-1]:
-                warm, extra = VARIANTS[name]
-                res, lowest = run(load, facts, args, saved if warm else None, **extra)
+                warm, lr_scale = variant(name)
+                res, lowest = run(load, facts, args, saved if warm else None, lr_scale=lr_scale)
                 times[name] = res.seconds
                 print(
                     f"  {name:20s} {res.seconds:6.1f} s, {res.steps:4d} steps, success "
