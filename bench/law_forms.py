@@ -4,11 +4,13 @@ under-predicted), and prints R² (log reduction), the leave-one-out mean |Δ log
 when the points span several kinds of facts, the mean |predicted − achieved fact recall| on each
 kind from a fit to the other kinds only (the law meeting a kind of fact it has never seen):
 
-    cd bench && ../.venv/bin/python law_forms.py [POINTS ...] [--measure tokens|hard|bits]
+    cd bench && ../.venv/bin/python law_forms.py [POINTS ...] [--measure tokens|hard|novel|bits]
     (default: the default family's calibration points)
 
 `--measure` says what ℓ counts: target tokens (the law's, default); `hard`, the target tokens the
-base model gets wrong (p ≤ 0.5, what MemFT works on; observable when a job is planned); `bits`,
+base model gets wrong (p ≤ 0.5, what MemFT works on; observable when a job is planned); `novel`,
+those it still gets wrong with other facts of the set in context (memory/novelty.py, what a law
+with length "novel" counts; taken from the points when they carry it); `bits`,
 facts × the information their generator chose (fact_sets.fact_bits; known only for the seeded
 kinds, so an analysis, not something a planner could use). Both rebuild each point's facts from
 its source (kind, ℓ, seed), so they need the base model.
@@ -85,6 +87,7 @@ def remeasured(points, measure: str):
     from memupdate.memory.calibration import fact_set_source, run_case
     from memupdate.memory.encoding import encode_facts, fact_count, model_context_length
     from memupdate.memory.fact_sets import fact_bits
+    from memupdate.memory.novelty import novel_share
     from memupdate.memory.recall import PASS_PROBABILITY, token_probabilities
 
     _, load = setup(parser(__doc__).parse_args([]))
@@ -99,6 +102,9 @@ def remeasured(points, measure: str):
             facts = fact_set_source(lambda f: encode_facts(f, tok, context), kind, seed, ell)
             if measure == "bits":
                 sizes[case] = round(fact_count(facts) * fact_bits(kind))
+            elif measure == "novel":
+                share = point.novel_share or novel_share(model, facts, tok.pad_token_id)
+                sizes[case] = round(point.sequence_length * share)
             else:
                 probs = torch.cat(token_probabilities(model, facts, tok.pad_token_id))
                 sizes[case] = int((probs <= PASS_PROBABILITY).sum())
@@ -112,7 +118,7 @@ def main() -> None:
     default = Path(__file__).parents[1] / "docs/calibration/SmolLM2-135M-Instruct/points.jsonl"
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("points", nargs="*", type=Path, default=[default])
-    p.add_argument("--measure", choices=("tokens", "hard", "bits"), default="tokens")
+    p.add_argument("--measure", choices=("tokens", "hard", "novel", "bits"), default="tokens")
     args = p.parse_args()
     points = [point for path in args.points for point in load_points(path).values()]
     if args.measure != "tokens":

@@ -16,10 +16,17 @@ the case's ℓ; a case without one is skipped.
 """
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 from memupdate.memory.adapter import RANK_LADDER
-from memupdate.memory.calibration import fit_with_holdout, load_points, run_case
+from memupdate.memory.calibration import (
+    fact_set_source,
+    fill_novel_shares,
+    fit_with_holdout,
+    load_points,
+    run_case,
+)
 from memupdate.memory.law import ParametricMemoryLaw
 
 
@@ -34,18 +41,46 @@ def achieved(trained: dict[int, float], rank: int, target: float) -> bool | None
     return None
 
 
+def fill_shares(paths: list[Path]) -> None:
+    """Measure the novel share of every point in these files that lacks one (the base model's
+    pass over each point's rebuilt facts; rewrites the files)."""
+    from common import parser, setup
+
+    from memupdate.memory.encoding import encode_facts, model_context_length
+
+    _, load = setup(parser(__doc__).parse_args([]))
+    model, tok = load()
+
+    def source(kind, seed, ell):
+        encode = partial(encode_facts, tokenizer=tok, max_length=model_context_length(model))
+        return fact_set_source(encode, kind, seed, ell)
+
+    for path in paths:
+        filled = fill_novel_shares(path, model, tok.pad_token_id, source)
+        print(f"{path}: measured the novel share of {filled} point(s)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--calibration", type=Path, required=True, help="folder: law.json, points")
     p.add_argument("--baseline", type=Path, help="the law to compare with (default: law.json)")
-    p.add_argument("--held-out", type=Path, help="default: held-out-points.jsonl there")
+    p.add_argument(
+        "--held-out", type=Path, nargs="+", help="points files (default: held-out-points.jsonl)"
+    )
     p.add_argument("--targets", required=True, help="kind:ℓ:target, comma-separated")
     p.add_argument("--max-rank", type=int, default=64)
     p.add_argument("--response", help="the refit's response (default: the baseline's)")
+    p.add_argument("--length", help="the refit's ℓ: tokens or novel (default: the baseline's)")
     p.add_argument("--ship-to", type=Path, help="write the law refitted on every point here")
     args = p.parse_args()
     baseline = ParametricMemoryLaw.load(args.baseline or args.calibration / "law.json")
-    held = list(load_points(args.held_out or args.calibration / "held-out-points.jsonl").values())
+    files = args.held_out or [args.calibration / "held-out-points.jsonl"]
+    if (args.length or baseline.length) == "novel":  # points from before the share: measure it
+        fill_shares([args.calibration / "points.jsonl", *files])
+    files = args.held_out or [args.calibration / "held-out-points.jsonl"]
+    if (args.length or baseline.length) == "novel":  # points from before the share: measure it
+        fill_shares([args.calibration / "points.jsonl", *files])
+    held = [point for path in files for point in load_points(path).values()]
     # points.jsonl may hold the held-out points too (once a law was refitted on them): not here.
     held_sources = {p.source for p in held}
     calibration = [
@@ -62,6 +97,7 @@ def main() -> None:
         cases.setdefault(run_case(point.source), []).append(point)
     ladder = [r for r in RANK_LADDER if r <= args.max_rank]
     response = args.response or baseline.response
+    length = args.length or baseline.length
     meta = {k: getattr(baseline, k) for k in ("base_model", "family", "training")}
 
     columns = ["kind", "ℓ", "target", "oracle", "baseline: rank (predicted, met)", "refit: same"]
@@ -75,11 +111,12 @@ def main() -> None:
         trained = {p.rank: p.fact_recall for p in points}
         oracle = next((r for r in ladder if achieved(trained, r, target)), None)
         others = [p for c, ps in cases.items() if c != (kind, ell, seed) for p in ps]
-        refit = ParametricMemoryLaw.fit_points([*calibration, *others], response)
+        refit = ParametricMemoryLaw.fit_points([*calibration, *others], response, length)
         loss_before = points[0].loss_before_nats
         row = [kind, str(ell), str(target), str(oracle)]
         for name, law in (("baseline", baseline), ("refit", refit)):
-            plan, _ = law.plan(ell, target, loss_before, max_rank=args.max_rank)  # as jobs do
+            size = law.point_size(points[0])  # ℓ as this law counts it
+            plan, _ = law.plan(size, target, loss_before, max_rank=args.max_rank)  # as jobs do
             rank, predicted = plan.rank, plan.predicted_fact_recall
             met = achieved(trained, rank, target)
             actual = trained.get(rank)
@@ -98,7 +135,7 @@ def main() -> None:
             f"{len(errors)} cases that trained the chosen rank"
         )
     if args.ship_to:
-        law = fit_with_holdout([*calibration, *held], response, **meta)
+        law = fit_with_holdout([*calibration, *held], response, length, **meta)
         law.save(args.ship_to)
         fit = law.fit
         print(

@@ -45,6 +45,7 @@ from memupdate.memory.fact_sets import fact_bits
 from memupdate.memory.law import ParametricMemoryLaw
 from memupdate.memory.locality import retain_set
 from memupdate.memory.memft import Progress, TrainSettings, train_adapter
+from memupdate.memory.novelty import novel_share
 from memupdate.memory.planning import shipped_law_path
 from memupdate.memory.recall import measure_recall
 
@@ -85,7 +86,7 @@ def main() -> None:
         if p.step % 100 == 0:
             print(f"      step {p.step}/{p.max_steps}: fact recall {p.fact_recall:.2f}", flush=True)
 
-    def fact_recall(facts, rank, kind, seed):
+    def fact_recall(facts, rank, kind, seed, share):
         source = "rank-choice:" + run_key(kind, rank, sequence_length(facts), seed)
         done = load_points(args.points) if args.points else {}
         if source in done:
@@ -104,16 +105,18 @@ def main() -> None:
         )
         print(f"    rank {rank}: fact recall {res.recall.fact_recall:.3f} in {res.seconds:.0f} s")
         if args.points:
-            point = training_point(res, rank, rank * per_rank, source, len(facts), kind=kind)
+            point = training_point(
+                res, rank, rank * per_rank, source, len(facts), kind=kind, novel_share=share
+            )
             append_point(args.points, point)
         return res.recall.fact_recall
 
-    def find_oracle(facts, target, start, results, kind, seed):
+    def find_oracle(facts, target, start, results, kind, seed, share):
         """Smallest ladder rank reaching `target`, walking from `start`; fills `results`."""
 
         def met(rank):
             if rank not in results:
-                results[rank] = fact_recall(facts, rank, kind, seed)
+                results[rank] = fact_recall(facts, rank, kind, seed, share)
             return results[rank] >= target
 
         if args.full_sweep:
@@ -136,21 +139,24 @@ def main() -> None:
         facts = fact_set_source(encode, kind, seed, ell)
         ell = sequence_length(facts)
         loss_before = measure_recall(model, facts, tok.pad_token_id).mean_loss_nats
-        plan, reached = law.plan(ell, target, loss_before, max_rank=args.max_rank)  # as jobs do
+        share = novel_share(model, facts, tok.pad_token_id)
+        size = law.size(ell, share)
+        plan, reached = law.plan(size, target, loss_before, max_rank=args.max_rank)  # as jobs do
         chosen = plan.rank
         fallback = "" if reached else " (law: no rank reaches it; best effort)"
-        predicted = law.predict(chosen, ell, loss_before)[1]
+        predicted = law.predict(chosen, size, loss_before)[1]
         print(
-            f"{kind} ℓ={ell} L0={loss_before:.2f} target {target}: chosen rank {chosen}{fallback}, "
+            f"{kind} ℓ={ell} (novel share {share:.3f}) L0={loss_before:.2f} target {target}: "
+            f"chosen rank {chosen}{fallback}, "
             f"predicted {predicted:.3f}",
             flush=True,
         )
         if args.plan_only:
             continue
         results: dict[int, float] = {}
-        oracle = find_oracle(facts, target, args.start_rank or chosen, results, kind, seed)
+        oracle = find_oracle(facts, target, args.start_rank or chosen, results, kind, seed, share)
         if chosen not in results:
-            results[chosen] = fact_recall(facts, chosen, kind, seed)
+            results[chosen] = fact_recall(facts, chosen, kind, seed, share)
         bits = (
             results[oracle] * fact_count(facts) * fact_bits(kind) / (oracle * per_rank)
             if oracle

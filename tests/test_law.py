@@ -449,3 +449,79 @@ def test_a_copy_refitted_before_the_rule_is_planned_with_the_rule(tmp_path, monk
     assert law.points == [*shipped.points, GATED_JOB]
     assert (law.alpha, law.beta, law.C) == (shipped.alpha, shipped.beta, shipped.C)
     assert law.predict(2, 3000, 2.99) == shipped.predict(2, 3000, 2.99)
+
+
+def novel_points(shares: dict[str, float]) -> list[LawPoint]:
+    """Points of kinds whose facts share a template to different degrees (kind -> novel share),
+    from one relative law in novel tokens: what a rank holds depends on ℓ × share."""
+    points = []
+    for kind, share in shares.items():
+        for r in (1, 4, 16):
+            for ell in (500, 2000, 8000):
+                removed = min(1.5 * r**0.3 * (ell * share) ** -0.3 + 0.3, 0.995)
+                after = 3.0 * (1 - removed)
+                recall = 1 / (1 + (after / 0.4) ** 3)
+                points.append(
+                    LawPoint(r, ell, 3.0, after, recall, source=f"{kind}-{r}-{ell}", kind=kind)
+                )
+                points[-1].novel_share = share
+    return points
+
+
+def test_a_law_in_novel_tokens_gives_templated_facts_the_rank_their_novel_tokens_need():
+    """Fitted on ℓ alone, one law cannot tell a templated kind (0.4 of ℓ novel) from random
+    digits (0.9): it splits the difference. Counting novel tokens, it predicts both."""
+    points = novel_points({"bio": 0.4, "phone": 0.9})
+    novel = ParametricMemoryLaw.fit_points(points, "relative", "novel")
+    tokens = ParametricMemoryLaw.fit_points(points, "relative")
+    assert novel.recall_error(points) < 0.01 < tokens.recall_error(points)
+    assert novel.size(4000, 0.4) == 1600 and tokens.size(4000, 0.4) == 4000
+    bio, phone = (novel.plan(novel.size(4000, s), 0.9, 3.0)[0].rank for s in (0.4, 0.9))
+    assert bio < phone
+    with pytest.raises(LawError, match="novel share was not measured"):
+        novel.size(4000, None)
+    unmeasured = LawPoint(4, 4000, 3.0, 0.1, 1.0, source="job:old")
+    assert tokens.can_size(unmeasured) and not novel.can_size(unmeasured)
+    with pytest.raises(LawError, match="job:old"):
+        ParametricMemoryLaw.fit_points([*points, unmeasured], "relative", "novel")
+
+
+def test_a_law_file_says_what_its_length_counts(tmp_path):
+    """Saved and loaded, a novel-token law stays one; a file written before laws said (no
+    `length`) is read as counting every token, which is how it was fitted."""
+    import json
+
+    law = ParametricMemoryLaw.fit_points(
+        novel_points({"bio": 0.4, "phone": 0.9}), "relative", "novel"
+    )
+    law.save(tmp_path / "law.json")
+    loaded = ParametricMemoryLaw.load(tmp_path / "law.json")
+    assert loaded.length == "novel" and loaded.points == law.points
+    data = json.loads((tmp_path / "law.json").read_text())
+    del data["length"]
+    for point in data["points"]:
+        del point["novel_share"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    old = ParametricMemoryLaw.load(tmp_path / "old.json")
+    assert old.length == "tokens" and old.size(4000, None) == 4000
+
+
+def test_a_novel_token_law_is_refined_only_by_jobs_that_measured_their_share(tmp_path, monkeypatch):
+    from memupdate.memory.adapter import AdapterFamily
+    from memupdate.memory.base_model import ModelIdentity
+    from memupdate.memory.planning import find_law, record_training, user_law_path
+
+    monkeypatch.setenv("MEMUPDATE_HOME", str(tmp_path))
+    identity, family = ModelIdentity("m", "d"), AdapterFamily(layers=(1,))
+    law = ParametricMemoryLaw.fit_points(
+        novel_points({"bio": 0.4, "phone": 0.9}), "relative", "novel"
+    )
+    law.save(user_law_path(identity, family))
+    unmeasured = LawPoint(4, 3000, 3.0, 1.5, 0.2, source="job:unmeasured", steps=10, facts=40)
+    assert record_training(identity, family, unmeasured) is None
+    measured = LawPoint(4, 3000, 3.0, 1.5, 0.2, source="job:measured", steps=10, facts=40)
+    measured.novel_share = 0.5
+    assert record_training(identity, family, measured) == user_law_path(identity, family)
+    refined, _ = find_law(identity, family)
+    assert [p.source for p in refined.points[-1:]] == ["job:measured"]
+    assert refined.length == "novel"

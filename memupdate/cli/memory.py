@@ -21,9 +21,11 @@ from memupdate.memory.encoding import fact_count, sequence_length
 from memupdate.memory.fact_sets import KINDS, phonebook_facts
 from memupdate.memory.facts import FactError, write_facts
 from memupdate.memory.law import FORMS as LAW_FORMS
+from memupdate.memory.law import LENGTHS as LAW_LENGTHS
 from memupdate.memory.law import LawError
 from memupdate.memory.locality import measure_locality, retain_set
 from memupdate.memory.memft import DEFAULT_MARGIN, MODES, Progress, TrainSettings, train_adapter
+from memupdate.memory.novelty import novel_share
 from memupdate.memory.planning import DEFAULT_MAX_RANK, record_training
 from memupdate.memory.recall import greedy_check, greedy_continuation, measure_recall
 from memupdate.memory.tiny_model import prepare_tiny_model
@@ -72,6 +74,11 @@ def cmd_plan(args) -> int:
     posted = fact_count(facts)
     print(f"facts:                   {posted} ({report.facts} sequences: every form of each)")
     print(f"sequence length ℓ:       {report.sequence_length} target tokens")
+    counted = report.law_length not in (None, report.sequence_length)
+    print(
+        f"novel tokens:            {report.novel_share:.2f} of ℓ (wrong even with other facts "
+        f"in context)" + (f"; the law counts {report.law_length}" if counted else "")
+    )
     sample = (
         f" (on a sample of {report.loss_measured_on} sequences)"
         if report.loss_measured_on < report.facts
@@ -175,6 +182,7 @@ def cmd_train(args) -> int:
             f"train:{out.name}",
             len(facts),
             locality.token_agreement,
+            novel_share=plan.novel_share if plan else novel_share(base.model, facts, base.pad_id),
         ),
     )
     if law_file:
@@ -239,8 +247,10 @@ def cmd_calibrate(args) -> int:
         calibrate,
         fact_set_source,
         file_source,
+        fill_novel_shares,
         fit_with_holdout,
         folder_points,
+        load_points,
         plot,
     )
     from memupdate.memory.planning import shipped_law_path, user_law_path
@@ -298,6 +308,12 @@ def cmd_calibrate(args) -> int:
     )
     steps.close()
     bar.close()
+    if args.length == "novel":  # points recorded before the share was measured
+        filled = fill_novel_shares(out / "points.jsonl", base.model, base.pad_id, source)
+        if filled:
+            print(f"measured the novel share of {filled} earlier point(s)")
+        done = load_points(out / "points.jsonl")
+        points = [done[p.source] for p in points]
     training = grid.training()
     if args.fit_all:  # the law holds for the kinds its points came from, not this part's alone
         points = folder_points(out, grid)
@@ -305,6 +321,7 @@ def cmd_calibrate(args) -> int:
     law = fit_with_holdout(
         points,
         args.response,
+        args.length,
         base_model=base.identity.to_dict(),
         family=family.to_dict(),
         training=training,
@@ -415,6 +432,13 @@ def add_commands(sub) -> None:
         choices=list(LAW_FORMS),
         default="relative",
         help="what the law's power term predicts: ΔL/L0 (relative) or ΔL (absolute)",
+    )
+    cal.add_argument(
+        "--length",
+        choices=list(LAW_LENGTHS),
+        default="novel",
+        help="what the law's ℓ counts: every target token, or those the base model cannot "
+        "predict with other facts in context (novel; measured for earlier points that lack it)",
     )
     budget = cal.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=150, help="training budget per run (steps)")

@@ -16,7 +16,7 @@ import os
 import random
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from memupdate.memory.fact_sets import KINDS
 from memupdate.memory.law import LawError, LawPoint, ParametricMemoryLaw, log_errors
 from memupdate.memory.locality import measure_locality, retain_set
 from memupdate.memory.memft import Progress, TrainResult, TrainSettings, train_adapter
+from memupdate.memory.novelty import novel_share
 
 # The fewest steps an epoch budget allows. A knowledge base of a few facts fills one batch, so
 # E epochs would be E steps, far fewer than MemFT needs to reach a fact: small bases get this
@@ -114,6 +115,7 @@ def training_point(
     facts: int,
     locality: float | None = None,
     kind: str = "",
+    novel_share: float | None = None,
 ) -> LawPoint:
     """A finished training as a point of the law (`facts`: sequences trained)."""
     return LawPoint(
@@ -129,6 +131,7 @@ def training_point(
         facts=facts,
         locality=locality,
         kind=kind,
+        novel_share=novel_share,
     )
 
 
@@ -186,6 +189,7 @@ def calibrate(
             continue
         facts = source(kind, seed, ell)
         model, tokenizer = load_model()
+        share = novel_share(model, facts, tokenizer.pad_token_id)  # before the adapter
         settings = TrainSettings(
             rank=rank,
             family=family,
@@ -209,6 +213,7 @@ def calibrate(
             len(facts),
             measure_locality(peft_model, tokenizer).token_agreement,
             kind,
+            share,
         )
         append_point(path, point)
         done[key] = point
@@ -231,22 +236,47 @@ def folder_points(out: Path, grid: Grid) -> list[LawPoint]:
     return points
 
 
+def fill_novel_shares(path: Path, model, pad_id: int, source: Callable) -> int:
+    """Measure the novel share of every seeded run in the points file `path` that lacks one
+    (recorded before the share was), rebuilding its facts from its source (`run_case`); the
+    file is rewritten atomically. Returns how many points were filled."""
+    points = list(load_points(path).values())
+    shares: dict[tuple, float] = {}
+    filled = 0
+    for i, point in enumerate(points):
+        if point.novel_share is not None:
+            continue
+        case = kind, ell, seed = run_case(point.source)
+        if case not in shares:
+            facts = source(kind, seed, ell)
+            if sequence_length(facts) != point.sequence_length:
+                raise LawError(f"{point.source}: its facts no longer rebuild to the same ℓ")
+            shares[case] = novel_share(model, facts, pad_id)
+        points[i] = replace(point, novel_share=shares[case])
+        filled += 1
+    if filled:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(asdict(p)) + "\n" for p in points))
+        os.replace(tmp, path)
+    return filled
+
+
 def fit_with_holdout(
-    points: list[LawPoint], response: str = "absolute", **meta
+    points: list[LawPoint], response: str = "absolute", length: str = "tokens", **meta
 ) -> ParametricMemoryLaw:
     """Fit on all points, and estimate the law's error on points it has not seen: leave each
     point out in turn, refit, predict it (log reduction, censored as in the fit, and fact
     recall). The error is also given over the budget-limited runs alone, the ones whose ΔL is
     exact, and, when the points span several kinds of facts, per kind with that whole kind
     left out (how the law does on a kind of fact it has never seen)."""
-    law = ParametricMemoryLaw.fit_points(points, response, **meta)
+    law = ParametricMemoryLaw.fit_points(points, response, length, **meta)
     log_err, recall_err, limited = [], [], []
     for i, held in enumerate(points):
         try:
-            partial = ParametricMemoryLaw.fit_points(points[:i] + points[i + 1 :], response)
+            partial = ParametricMemoryLaw.fit_points(points[:i] + points[i + 1 :], response, length)
         except LawError:  # without this point the grid no longer spans two ranks or two ℓ
             continue
-        predicted = partial.reduction(held.rank, held.sequence_length)
+        predicted = partial.reduction(held.rank, partial.point_size(held))
         log_err.append(abs(float(log_errors(np.array([predicted]), [held], response)[0])))
         recall_err.append(partial.recall_error([held]))
         if not held.stopped:
@@ -259,20 +289,22 @@ def fit_with_holdout(
             "holdout_mean_abs_fact_recall": float(np.mean(recall_err)) if recall_err else None,
             "holdout_budget_limited_points": len(limited),
             "holdout_budget_limited_mean_abs_log_dl": float(np.mean(limited)) if limited else None,
-            "holdout_kinds": kind_holdout(points, response),
+            "holdout_kinds": kind_holdout(points, response, length),
         }
     )
     return law
 
 
-def kind_holdout(points: list[LawPoint], response: str) -> dict[str, float]:
+def kind_holdout(points: list[LawPoint], response: str, length: str) -> dict[str, float]:
     """Kind -> mean |predicted − achieved fact recall| over that kind's points, from a law
     fitted on the other kinds only (empty when the points hold one kind)."""
     kinds = sorted({p.kind for p in points})
     errors = {}
     for kind in kinds if len(kinds) > 1 else []:
         try:
-            others = ParametricMemoryLaw.fit_points([p for p in points if p.kind != kind], response)
+            others = ParametricMemoryLaw.fit_points(
+                [p for p in points if p.kind != kind], response, length
+            )
         except LawError:
             continue
         errors[kind] = others.recall_error([p for p in points if p.kind == kind])
@@ -288,12 +320,12 @@ def plot(law: ParametricMemoryLaw, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    lengths = sorted({p.sequence_length for p in law.points})
+    lengths = sorted({law.point_size(p) for p in law.points})
     if len(lengths) > 6:  # group by the nearest of 5 ℓ spread over the range (log scale)
         lengths = sorted({int(x) for x in np.geomspace(lengths[0], lengths[-1], 5)})
 
     def group(point):
-        return min(lengths, key=lambda ell: abs(math.log(point.sequence_length / ell)))
+        return min(lengths, key=lambda ell: abs(math.log(law.point_size(point) / ell)))
 
     ranks = np.geomspace(min(p.rank for p in law.points), max(p.rank for p in law.points), 50)
     for i, ell in enumerate(lengths):
@@ -307,7 +339,8 @@ def plot(law: ParametricMemoryLaw, path: Path) -> None:
                 color=color,
                 marker=marker,
             )
-        left.plot(ranks, [law.reduction(r, ell) for r in ranks], color=color, label=f"ℓ≈{ell}")
+        name = "ℓ" if law.length == "tokens" else f"{law.length} ℓ"
+        left.plot(ranks, [law.reduction(r, ell) for r in ranks], color=color, label=f"{name}≈{ell}")
     response, bound = {
         "absolute": ("ΔL", "lower"),
         "relative": ("ΔL/L0", "lower"),
@@ -326,7 +359,7 @@ def plot(law: ParametricMemoryLaw, path: Path) -> None:
         left.axhline(l0, color="grey", linestyle=":", label=f"{l0:.2f}: everything learned")
     left.scatter([], [], marker="^", color="grey", label=f"every fact recalled ({bound} bound)")
     left.legend(fontsize=8)
-    predicted = [law.predict(p.rank, p.sequence_length, p.loss_before_nats)[0] for p in law.points]
+    predicted = [law.predict(p.rank, law.point_size(p), p.loss_before_nats)[0] for p in law.points]
     right.scatter(predicted, [p.fact_recall for p in law.points], label="runs (predicted loss)")
     grid = np.geomspace(max(1e-3, min(predicted) / 2), max(predicted) * 2, 100)
     right.plot(grid, [law.recall_at_loss(x) for x in grid], color="black", label="link")

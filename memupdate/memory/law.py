@@ -6,7 +6,9 @@
 
 ΔL is the loss reduction under a fixed training budget: mean cross-entropy (nats per target
 token) before training (L0) minus after. r is the LoRA rank (the adapter's parameter count is
-proportional to it for a fixed family), ℓ the total number of target tokens to be held. The
+proportional to it for a fixed family), ℓ the total number of target tokens to be held, or
+(length "novel") those of them the base model cannot predict with other facts of the base in
+context: facts that share a template store only what differs (memory/novelty.py). The
 relative response predicts the share of the base loss that training removes, so facts the base
 model finds surprising (a counterfactual update, L0 ≈ 7 nats) and facts it half knows (phone
 numbers, L0 ≈ 2.5) can share one law (bench/law_forms.py measures which response predicts a
@@ -43,6 +45,7 @@ FORMS = {
 # Recall 1.0 is the asymptote of the link; a request for 1.0 is planned as this value
 # (training itself still runs until every token passes).
 PLANNING_RECALL_CAP = 0.999
+LENGTHS = ("tokens", "novel")  # what ℓ counts (ParametricMemoryLaw.length)
 LOSS_FLOOR_NATS = 1e-4
 # Predicted loss reductions within this much of each other (in log ΔL) count as equal, unless
 # the law knows its own held-out error.
@@ -55,6 +58,15 @@ EXPLAINED_RECALL_ERROR = 0.05
 
 class LawError(ValueError):
     """A request the law cannot answer, or points it cannot be fitted to."""
+
+
+def counted_length(length: str, sequence_length: int, novel_share: float | None) -> int:
+    """ℓ as a law with this `length` counts it: every target token, or the novel ones."""
+    if length == "tokens":
+        return sequence_length
+    if novel_share is None:
+        raise LawError("this law counts novel tokens: the base's novel share was not measured")
+    return max(1, round(sequence_length * novel_share))
 
 
 class UnreachableTarget(LawError):
@@ -75,6 +87,9 @@ class LawPoint:
     facts: int = 0  # facts the ℓ target tokens came in
     locality: float | None = None  # token agreement with the base (memory/locality.py)
     kind: str = ""  # the fact set the run trained on (calibration), e.g. "counterfactual"
+    # Share of ℓ the base model gets wrong with other facts of the base in context
+    # (memory/novelty.py); None: not measured (points recorded before 2026-12-06).
+    novel_share: float | None = None
 
     @property
     def stopped(self) -> bool:
@@ -119,6 +134,20 @@ class ParametricMemoryLaw:
     fit: dict = field(default_factory=dict)  # r2_log, n_points, ...
     history: list[dict] = field(default_factory=list)
     response: str = "absolute"  # what the power term predicts: ΔL, or ΔL / L0 ("relative")
+    # What ℓ counts: every target token ("tokens"), or those the base model cannot predict with
+    # other facts of the base in context ("novel": ℓ × novel share, memory/novelty.py).
+    length: str = "tokens"
+
+    # --- what the law calls ℓ ---------------------------------------------------------
+    def size(self, sequence_length: int, novel_share: float | None) -> int:
+        """ℓ as this law counts it, for a base of `sequence_length` target tokens."""
+        return counted_length(self.length, sequence_length, novel_share)
+
+    def point_size(self, point: LawPoint) -> int:
+        return point_length(self.length, point)
+
+    def can_size(self, point: LawPoint) -> bool:
+        return self.length == "tokens" or point.novel_share is not None
 
     # --- prediction -------------------------------------------------------------------
     def reduction(self, rank: float, sequence_length: float) -> float:
@@ -148,7 +177,7 @@ class ParametricMemoryLaw:
     def recall_error(self, points: list[LawPoint]) -> float:
         """Mean |predicted − achieved fact recall| over `points`, each at its own L0."""
         errors = [
-            abs(self.predict(p.rank, p.sequence_length, p.loss_before_nats)[1] - p.fact_recall)
+            abs(self.predict(p.rank, self.point_size(p), p.loss_before_nats)[1] - p.fact_recall)
             for p in points
         ]
         return float(np.mean(errors))
@@ -212,7 +241,10 @@ class ParametricMemoryLaw:
 
     def extrapolates(self, sequence_length: int) -> bool:
         """ℓ beyond the longest the law has a point at (a law without points never says so)."""
-        return sequence_length > max((p.sequence_length for p in self.points), default=math.inf)
+        return sequence_length > self.longest()
+
+    def longest(self) -> float:
+        return max((self.point_size(p) for p in self.points), default=math.inf)
 
     def best_effort_rank(
         self,
@@ -247,22 +279,25 @@ class ParametricMemoryLaw:
     # --- fitting ----------------------------------------------------------------------
     @classmethod
     def fit_points(
-        cls, points: list[LawPoint], response: str = "absolute", **meta
+        cls, points: list[LawPoint], response: str = "absolute", length: str = "tokens", **meta
     ) -> "ParametricMemoryLaw":
         if response not in FORMS:
             raise LawError(f"response must be one of {list(FORMS)}, got {response!r}")
-        power, r2 = _fit_power(points, response)
+        if length not in LENGTHS:
+            raise LawError(f"length must be one of {LENGTHS}, got {length!r}")
+        power, r2 = _fit_power(points, response, [point_length(length, p) for p in points])
         link = fit_link(points)
-        law = cls(**power, **link, points=list(points), response=response, **meta)
+        law = cls(**power, **link, points=list(points), response=response, length=length, **meta)
         law.fit = {"r2_log": r2, "n_points": len(points)}
         return law
 
     def explains(self, point: LawPoint) -> bool:
         """Whether the law already predicts this training: its censored log error within
         EXPLAINED_LOG_ERROR and its fact recall within EXPLAINED_RECALL_ERROR."""
-        predicted = np.array([self.reduction(point.rank, point.sequence_length)])
+        size = self.point_size(point)
+        predicted = np.array([self.reduction(point.rank, size)])
         error = float(log_errors(predicted, [point], self.response)[0])
-        recall = self.predict(point.rank, point.sequence_length, point.loss_before_nats)[1]
+        recall = self.predict(point.rank, size, point.loss_before_nats)[1]
         return (
             abs(error) <= EXPLAINED_LOG_ERROR
             and abs(recall - point.fact_recall) <= EXPLAINED_RECALL_ERROR
@@ -287,6 +322,7 @@ class ParametricMemoryLaw:
         law = ParametricMemoryLaw.fit_points(
             [*self.points, *points],
             self.response,
+            self.length,
             base_model=self.base_model,
             family=self.family,
             training=self.training,
@@ -323,6 +359,13 @@ class ParametricMemoryLaw:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+def point_length(length: str, point: LawPoint) -> int:
+    try:
+        return counted_length(length, point.sequence_length, point.novel_share)
+    except LawError as err:
+        raise LawError(f"{point.source}: {err}") from None
+
+
 def log_errors(predicted, points: list[LawPoint], response: str = "absolute") -> np.ndarray:
     """log predicted − log observed reduction (ΔL, ΔL / L0, or L / L0), censored: a run that
     recalled every fact was stopped by MemFT there, so its reduction is a lower bound (its
@@ -334,7 +377,7 @@ def log_errors(predicted, points: list[LawPoint], response: str = "absolute") ->
     return np.where(stopped & beyond, 0.0, error)
 
 
-def _fit_power(points: list[LawPoint], response: str) -> tuple[dict, float]:
+def _fit_power(points: list[LawPoint], response: str, sizes: list[int]) -> tuple[dict, float]:
     """Least squares in log space, censored (`log_errors`). For a grid of offsets b below the
     smallest ΔL, log(ΔL − b) is linear in (log r, log ℓ); start from the b whose fit predicts
     best, then polish all four constants on the censored errors."""
@@ -344,7 +387,7 @@ def _fit_power(points: list[LawPoint], response: str) -> tuple[dict, float]:
     if (dl <= 0).any():
         raise LawError("every calibration point needs a positive loss reduction")
     r = np.array([p.rank for p in points], dtype=float)
-    ell = np.array([p.sequence_length for p in points], dtype=float)
+    ell = np.array(sizes, dtype=float)
     if len(set(r)) < 2 or len(set(ell)) < 2:
         raise LawError("the fit needs at least two different ranks and two different ℓ")
     design = np.column_stack([np.ones_like(r), np.log(r), -np.log(ell)])

@@ -26,6 +26,7 @@ from memupdate.memory.base_model import ModelIdentity
 from memupdate.memory.calibration import MIN_TRAINING_STEPS, budget_steps
 from memupdate.memory.encoding import EncodedFact, sequence_length
 from memupdate.memory.law import LawError, LawPoint, ParametricMemoryLaw
+from memupdate.memory.novelty import novel_share
 from memupdate.memory.recall import measure_recall
 
 DEFAULT_MAX_RANK = 64
@@ -51,6 +52,8 @@ class PlanReport:
     budget_steps: int | None = None  # the law's training budget for this base, in steps
     training_steps: int = 0  # the step budget the training gets (see `budgeted`)
     loss_measured_on: int = 0  # sequences the base loss was measured on (a sample of large bases)
+    novel_share: float | None = None  # share of ℓ the model cannot predict in context
+    law_length: int | None = None  # ℓ as the law counts it (novel tokens, or all of them)
 
     def budgeted(self, floor: int = MIN_TRAINING_STEPS, requested: int = 0) -> "PlanReport":
         """This plan with its training's step budget: `requested`, else the law's budget for
@@ -110,6 +113,7 @@ def find_law(identity: ModelIdentity, family: AdapterFamily) -> tuple[Parametric
     # the upgraded law after an upgrade, and no drift kept from copies refitted on points the
     # law already predicted (before 2026-12-06). Rebuilt, they are recorded so again.
     added = [LawPoint(**step["added_point"]) for step in refined.history if "added_point" in step]
+    added = [p for p in added if installed.can_size(p)]  # recorded before the law counted novel ℓ
     if not added:
         return installed, f"shipped:{shipped.name}"
     law = installed.refined_with(*added)
@@ -152,6 +156,9 @@ def record_training(
             law, where = find_law(identity, family)
         except LawError:
             return None
+        if not law.can_size(point):
+            log.info("not refining the law with %s: its novel share was not measured", point.source)
+            return None
         if where.startswith("shipped:") and not _is_copy(law):
             law.history = [*law.history, {"copied_from": where}]  # an upgrade replaces it
         budget = budget_steps(law.training, point.facts)
@@ -186,7 +193,10 @@ def plan_update(
     ell = sequence_length(facts)
     measured = base_loss_sample(facts)
     loss_before = measure_recall(model, measured, pad_id).mean_loss_nats
+    # Measured whatever the law counts: the job's point carries it, for laws that count it.
+    share = novel_share(model, facts, pad_id)
     per_rank = params_per_rank(model, family)
+    size = None
 
     def planned(rank: int, predicted: float | None, law_note: str, candidates=None):
         return PlanReport(
@@ -201,6 +211,8 @@ def plan_update(
             candidates,
             budget_steps(law.training, len(facts)) if law else None,
             loss_measured_on=len(measured),
+            novel_share=share,
+            law_length=size,
         )
 
     largest = max(r for r in RANK_LADDER if r <= max_rank)
@@ -210,18 +222,19 @@ def plan_update(
             law, source = find_law(identity, family)
         except LawError as err:
             return planned(largest, None, f"fallback to the largest rank: {err}")
-    plan, reached = law.plan(ell, target_recall, loss_before, max_rank=max_rank)
+    size = law.size(ell, share)
+    plan, reached = law.plan(size, target_recall, loss_before, max_rank=max_rank)
     if not reached:  # the best effort (law.plan), and why
+        counted = f"ℓ={ell}" if law.length == "tokens" else f"ℓ={ell} ({size} {law.length})"
         why = (
-            f"the largest: ℓ is beyond the longest the law was fitted on "
-            f"({max(p.sequence_length for p in law.points)})"
-            if law.extrapolates(ell)
+            f"the largest: ℓ is beyond the longest the law was fitted on ({law.longest()})"
+            if law.extrapolates(size)
             else f"the smallest whose predicted loss reduction is within the law's error "
             f"({law.flat_tolerance():.3f} in log) of the best"
         )
         note = (
             f"{source}; within the law's budget no rank up to {max_rank} is predicted to reach "
-            f"fact recall {target_recall} at ℓ={ell} (best {max(plan.candidates.values()):.3f}); "
+            f"fact recall {target_recall} at {counted} (best {max(plan.candidates.values()):.3f}); "
             f"jobs train past that budget, so rank {plan.rank}: {why}"
         )
         return planned(plan.rank, plan.predicted_fact_recall, note, plan.candidates)

@@ -343,6 +343,7 @@ def run_update(
                     f"job:{request.kb}",
                     len(encoded),
                     locality.token_agreement if locality else None,
+                    novel_share=report.novel_share,
                 ),
                 warm_start=start_from is not None,
             )
