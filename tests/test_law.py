@@ -525,3 +525,18 @@ def test_a_novel_token_law_is_refined_only_by_jobs_that_measured_their_share(tmp
     refined, _ = find_law(identity, family)
     assert [p.source for p in refined.points[-1:]] == ["job:measured"]
     assert refined.length == "novel"
+
+
+def test_the_novel_share_is_measured_only_where_it_can_change_the_rank():
+    """The share only shortens ℓ: where the smallest rank reaches the target at every token, the
+    plan is rank 1 whatever the share, and its in-context pass (about five base-loss passes) is
+    skipped."""
+    from memupdate.memory.planning import share_can_matter
+
+    law = ParametricMemoryLaw.fit_points(
+        novel_points({"bio": 0.4, "phone": 0.9}), "relative", "novel"
+    )
+    assert law.plan(10, 0.9, 3.0)[0].rank == 1
+    assert not share_can_matter(law, 10, 0.9, 3.0, max_rank=64)
+    assert law.plan(6000, 0.9, 3.0)[0].rank > 1
+    assert share_can_matter(law, 6000, 0.9, 3.0, max_rank=64)

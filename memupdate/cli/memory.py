@@ -74,11 +74,11 @@ def cmd_plan(args) -> int:
     posted = fact_count(facts)
     print(f"facts:                   {posted} ({report.facts} sequences: every form of each)")
     print(f"sequence length ℓ:       {report.sequence_length} target tokens")
-    counted = report.law_length not in (None, report.sequence_length)
-    print(
-        f"novel tokens:            {report.novel_share:.2f} of ℓ (wrong even with other facts "
-        f"in context)" + (f"; the law counts {report.law_length}" if counted else "")
-    )
+    if report.novel_share is not None:
+        print(
+            f"novel tokens:            {report.novel_share:.2f} of ℓ (wrong even with other facts "
+            f"in context); the law counts {report.law_length}"
+        )
     sample = (
         f" (on a sample of {report.loss_measured_on} sequences)"
         if report.loss_measured_on < report.facts
