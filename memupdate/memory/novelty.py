@@ -6,8 +6,8 @@ baker") repeat most of their tokens: the adapter learns the template once and st
 differs from fact to fact. Shown EXAMPLES other sequences of the same form before each one, the
 base model predicts the template in context and not the facts' own content, so the tokens it
 still gets wrong (p ≤ 0.5, the line a trained token must pass) are the ones to store. Measured on
-seeded sets (docs/benchmarks.md, "Novel tokens"): phone numbers 0.91 of ℓ, counterfactual
-updates 0.74-0.82, biographies 0.40-0.44, where the base model alone gets 0.98, 0.91 and 0.78
+seeded sets (docs/benchmarks.md, "Novel tokens"): phone numbers 0.91-0.92 of ℓ, counterfactual
+updates 0.75-0.84, biographies 0.38-0.43, where the base model alone gets 0.98, 0.91 and 0.78
 wrong. A law fitted on ℓ alone expected biographies to need twice the rank they did at ℓ 5,000.
 """
 
