@@ -77,9 +77,6 @@ def main() -> None:
     files = args.held_out or [args.calibration / "held-out-points.jsonl"]
     if (args.length or baseline.length) == "novel":  # points from before the share: measure it
         fill_shares([args.calibration / "points.jsonl", *files])
-    files = args.held_out or [args.calibration / "held-out-points.jsonl"]
-    if (args.length or baseline.length) == "novel":  # points from before the share: measure it
-        fill_shares([args.calibration / "points.jsonl", *files])
     held = [point for path in files for point in load_points(path).values()]
     # points.jsonl may hold the held-out points too (once a law was refitted on them): not here.
     held_sources = {p.source for p in held}

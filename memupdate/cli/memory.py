@@ -130,6 +130,8 @@ def cmd_train(args) -> int:
             left="?" if p.eta_seconds is None else f"~{p.eta_seconds:.0f}s",
         )
 
+    # Before the training: it adds the adapter's layers to base.model in place.
+    share = plan.novel_share if plan else novel_share(base.model, facts, base.pad_id)
     retain = retain_set(base.model, base.tokenizer, family, seed=args.seed)
     peft_model, result = train_adapter(
         base.model, facts, base.pad_id, settings, show, retain=retain
@@ -182,7 +184,7 @@ def cmd_train(args) -> int:
             f"train:{out.name}",
             len(facts),
             locality.token_agreement,
-            novel_share=plan.novel_share if plan else novel_share(base.model, facts, base.pad_id),
+            novel_share=share,
         ),
     )
     if law_file:

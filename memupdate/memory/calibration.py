@@ -182,6 +182,7 @@ def calibrate(
     out.mkdir(parents=True, exist_ok=True)
     path = out / "points.jsonl"
     done = load_points(path)
+    shares: dict[tuple, float] = {}  # the ranks of a cell train one fact set
     for kind, rank, ell, seed in grid.runs():
         key = run_key(kind, rank, ell, seed)
         if key in done:
@@ -189,7 +190,8 @@ def calibrate(
             continue
         facts = source(kind, seed, ell)
         model, tokenizer = load_model()
-        share = novel_share(model, facts, tokenizer.pad_token_id)  # before the adapter
+        if (kind, ell, seed) not in shares:  # measured on the base model, before the adapter
+            shares[kind, ell, seed] = novel_share(model, facts, tokenizer.pad_token_id)
         settings = TrainSettings(
             rank=rank,
             family=family,
@@ -213,7 +215,7 @@ def calibrate(
             len(facts),
             measure_locality(peft_model, tokenizer).token_agreement,
             kind,
-            share,
+            shares[kind, ell, seed],
         )
         append_point(path, point)
         done[key] = point
