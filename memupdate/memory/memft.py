@@ -29,6 +29,7 @@ import torch
 
 from memupdate.memory.adapter import AdapterFamily
 from memupdate.memory.encoding import EncodedFact, sequence_length
+from memupdate.memory.eta import TimeLeft
 from memupdate.memory.frozen_prefix import (
     FrozenPrefix,
     TopLayers,
@@ -118,7 +119,9 @@ class Progress:
     tokens_processed: int
     active_facts: int  # facts not passed at their latest visit
     seconds: float
-    eta_seconds: float | None  # from how fast facts have been passing; None until known
+    eta_seconds: float | None  # estimated time left (memory/eta.py); None until known
+    target_tokens: int = 0  # ℓ, the target tokens that must pass
+    facts: int = 0  # sequences trained (each form of a fact is one)
 
 
 @dataclass
@@ -196,20 +199,6 @@ class _PassState:
 
     def fact_recall(self) -> float:
         return sum(self.passed) / len(self.passed)
-
-
-class _Eta:
-    """Time left, from the pace at which facts have been passing (an estimate, said as one)."""
-
-    def __init__(self):
-        self.start: tuple[float, int] | None = None
-
-    def __call__(self, now: float, active: int) -> float | None:
-        if self.start is None or active > self.start[1]:
-            self.start = (now, active)
-            return None
-        done = self.start[1] - active
-        return None if done <= 0 else (now - self.start[0]) * active / done
 
 
 def _epoch_order(state: _PassState, settings: TrainSettings, rng: random.Random) -> list[list[int]]:
@@ -310,7 +299,7 @@ def _train(peft_model, facts, pad_id, settings, on_progress, token_weights, reta
 
     loss_before = check_every_fact().mean_loss_nats
     state.first_check_done()
-    eta = _Eta()
+    estimate_left = TimeLeft()
     stop_reason = ""
     peft_model.train()
     with eager_attention_on_cpu(peft_model):
@@ -356,20 +345,22 @@ def _train(peft_model, facts, pad_id, settings, on_progress, token_weights, reta
                 if on_progress is not None:
                     now = time.monotonic() - start
                     active = len(state.passed) - sum(state.passed)
-                    on_progress(
-                        Progress(
-                            step=counts["steps"],
-                            max_steps=settings.max_steps,
-                            epoch=counts["epochs"],
-                            loss=float(loss.detach()) if loss is not None else 0.0,
-                            token_recall=state.token_recall(),
-                            fact_recall=state.fact_recall(),
-                            tokens_processed=counts["tokens"],
-                            active_facts=active,
-                            seconds=now,
-                            eta_seconds=eta(now, active),
-                        )
+                    progress = Progress(
+                        step=counts["steps"],
+                        max_steps=settings.max_steps,
+                        epoch=counts["epochs"],
+                        loss=float(loss.detach()) if loss is not None else 0.0,
+                        token_recall=state.token_recall(),
+                        fact_recall=state.fact_recall(),
+                        tokens_processed=counts["tokens"],
+                        active_facts=active,
+                        seconds=now,
+                        eta_seconds=None,
+                        target_tokens=state.total_tokens,
+                        facts=len(facts),
                     )
+                    progress.eta_seconds = estimate_left(progress)
+                    on_progress(progress)
 
     # The guarantee is measured on the full model in fp32, as serving will compute it.
     peft_model.eval()
