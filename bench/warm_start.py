@@ -9,7 +9,9 @@ steps, and the lowest fact recall seen while training (how far the old facts wer
         [--variants fresh,warm,warm-lr0.2] [--gate]
 
 `--gate` trains the gated family (what `memupdate serve --gate` jobs train); `warm-lrX` is a warm
-start at X times the family's learning rate.
+start at X times the family's learning rate; `warm-replayX` one that revisits solid facts at X
+times the facts still training per epoch (the trainer's default is 1), `warm-replay-all` every
+fact every epoch.
 """
 
 import tempfile
@@ -26,24 +28,31 @@ from memupdate.memory.memft import TrainSettings, train_adapter
 # learning-rate warm-up, and weight 1 on the tokens of replayed solid facts, both settings of
 # TrainSettings in commit 7f0a72a (`warmup_steps`, `anchor_solid`); stacked updates (the saved
 # adapter frozen, a block of rank 1 or 4 trained on top), commit 16ed814 (`freeze_start`).
-VARIANTS = {"fresh": (False, 1.0), "warm": (True, 1.0)}
+REPLAY = 1.0  # TrainSettings' default
+VARIANTS = {"fresh": (False, 1.0, REPLAY), "warm": (True, 1.0, REPLAY)}
 
 
-def variant(name: str) -> tuple[bool, float]:
-    """(warm start?, learning-rate scale) of a variant name."""
+def variant(name: str) -> tuple[bool, float, float | None]:
+    """(warm start?, learning-rate scale, replay share of solid facts) of a variant name."""
     if name.startswith("warm-lr"):
-        return True, float(name.removeprefix("warm-lr"))
+        return True, float(name.removeprefix("warm-lr")), REPLAY
+    if name.startswith("warm-replay"):
+        share = name.removeprefix("warm-replay")
+        return True, 1.0, None if share == "-all" else float(share)
     if name not in VARIANTS:
-        raise SystemExit(f"unknown variant {name!r}: fresh, warm or warm-lrSCALE")
+        raise SystemExit(
+            f"unknown variant {name!r}: fresh, warm, warm-lrSCALE, warm-replaySHARE or "
+            "warm-replay-all"
+        )
     return VARIANTS[name]
 
 
-def run(load, facts, args, start_from=None, save_to=None, lr_scale=1.0):
+def run(load, facts, args, start_from=None, save_to=None, lr_scale=1.0, replay=REPLAY):
     model, tok = load()
     family = (gated_family if args.gate else default_family)(model.config.num_hidden_layers)
     family = replace(family, learning_rate=family.learning_rate * lr_scale)
     settings = TrainSettings(
-        rank=args.rank, family=family, seed=args.seed, max_steps=args.max_steps
+        rank=args.rank, family=family, seed=args.seed, max_steps=args.max_steps, replay=replay
     )
     lowest = [1.0]
 
@@ -85,8 +94,9 @@ def main() -> None:
             print(f"\n{kind}: base of {args.base} built in {built.seconds:.0f} s; +10 facts:")
             times = {}
             for name in names if k % 2 == 0 else names[::-1]:
-                warm, lr_scale = variant(name)
-                res, lowest = run(load, facts, args, saved if warm else None, lr_scale=lr_scale)
+                warm, lr_scale, replay = variant(name)
+                start = saved if warm else None
+                res, lowest = run(load, facts, args, start, lr_scale=lr_scale, replay=replay)
                 times[name] = res.seconds
                 print(
                     f"  {name:20s} {res.seconds:6.1f} s, {res.steps:4d} steps, success "
