@@ -33,13 +33,14 @@ def record(load, kind: str, args) -> dict:
     from the adapter of the facts alone, trained first and not recorded); its progress reports
     and total time."""
     facts = fact_set(load, kind, args.facts + args.warm, args.seed)
-    start_from = None
-    if args.warm:
-        start_from = Path(tempfile.mkdtemp(prefix="eta-base-"))
-        base = fact_set(load, kind, args.facts, args.seed)
-        train_once(load, base, args).save_pretrained(start_from)
     reports = []
-    result = train_once(load, facts, args, reports.append, start_from)
+    with tempfile.TemporaryDirectory(prefix="eta-base-") as folder:
+        start_from = None
+        if args.warm:
+            start_from = Path(folder)
+            base, _ = train_once(load, fact_set(load, kind, args.facts, args.seed), args)
+            base.save_pretrained(start_from)
+        _, result = train_once(load, facts, args, reports.append, start_from)
     return {
         "kind": kind,
         "facts": args.facts,
@@ -49,13 +50,12 @@ def record(load, kind: str, args) -> dict:
         "success": result.success,
         "steps": result.steps,
         "seconds": result.seconds,
-        "target_tokens": result.sequence_length,
         "progress": [asdict(p) for p in reports],
     }
 
 
 def train_once(load, facts, args, on_progress=None, start_from=None):
-    """A training as jobs run it: the peft model (when `on_progress` is None) or the result."""
+    """A training as jobs run it: (the peft model, the TrainResult)."""
     from memupdate.memory.locality import retain_set
     from memupdate.memory.memft import TrainSettings, train_adapter
 
@@ -65,10 +65,9 @@ def train_once(load, facts, args, on_progress=None, start_from=None):
         rank=args.rank, family=family, seed=args.seed, max_steps=args.max_steps
     )
     retain = retain_set(model, tok, family, seed=args.seed)
-    peft_model, result = train_adapter(
+    return train_adapter(
         model, facts, tok.pad_token_id, settings, on_progress, start_from, retain=retain
     )
-    return peft_model if on_progress is None else result
 
 
 def score(run: dict, estimator) -> list[float | None]:
@@ -76,13 +75,8 @@ def score(run: dict, estimator) -> list[float | None]:
     from memupdate.memory.memft import Progress
 
     total = run["seconds"]
-    # runs recorded before Progress carried its sizes
-    sizes = {"target_tokens": run.get("target_tokens"), "facts": run["progress"][0]["active_facts"]}
-    fields = set(Progress.__dataclass_fields__)
-    progress = [
-        Progress(**{**sizes, **{k: v for k, v in p.items() if k in fields}})
-        for p in run["progress"]
-    ]
+    fields = set(Progress.__dataclass_fields__)  # a report of another version may have more
+    progress = [Progress(**{k: v for k, v in p.items() if k in fields}) for p in run["progress"]]
     estimate = estimator()
     out, moments = [], list(MOMENTS)
     for p in progress:
