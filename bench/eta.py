@@ -22,8 +22,30 @@ from pathlib import Path
 from common import fact_set, kinds, parser, setup
 
 from memupdate.memory.adapter import default_family, gated_family
-from memupdate.memory.eta import ESTIMATORS
+from memupdate.memory.eta import FactPace, LogOddsLine, TokenLogit, TokensThenFactPace
 
+
+class FactLogit:
+    """The log-odds of fact recall along a line (LogOddsLine), from the first fact passing
+    (before it the share sits at its floor and says nothing). Not kept: 7/36 good."""
+
+    def __init__(self):
+        self.line = LogOddsLine()
+
+    def __call__(self, p) -> float | None:
+        if p.fact_recall == 0 and not self.line.points:
+            return None
+        return self.line.add(p.seconds, p.fact_recall, p.facts)
+
+
+# The trainer's estimate (memory/eta.py: TimeLeft) is the last; the others are what it replaced
+# or was chosen over.
+ESTIMATORS = {
+    "facts": FactPace,
+    "token-logit": TokenLogit,
+    "fact-logit": FactLogit,
+    "tokens-then-fact-pace": TokensThenFactPace,
+}
 MOMENTS = (0.10, 0.25, 0.50, 0.75)
 GOOD_FACTOR = 1.5
 

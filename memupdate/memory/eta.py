@@ -1,4 +1,5 @@
-"""Estimates of a training's time left, from its progress so far (bench/eta.py scores them).
+"""Estimates of a training's time left, from its progress so far (bench/eta.py scores them
+against the variants it was chosen over).
 
 Each estimator is fed the trainer's progress reports in order and answers seconds left, or None
 while it cannot tell yet. An estimate is said as one ("~40 s") wherever it is shown.
@@ -22,7 +23,7 @@ class FactPace:
         return None if done <= 0 else (p.seconds - self.start[0]) * p.active_facts / done
 
 
-class _LogOddsLine:
+class LogOddsLine:
     """Time left for a share's log-odds, rising along a line fitted to the reports of the latest
     half of the training, to reach the level of half an item missing (None while the line does
     not rise)."""
@@ -52,27 +53,14 @@ class _LogOddsLine:
 
 
 class TokenLogit:
-    """The log-odds of token recall along a line (_LogOddsLine). Token recall climbs from the
+    """The log-odds of token recall along a line (LogOddsLine). Token recall climbs from the
     first step, long before the first fact passes."""
 
     def __init__(self):
-        self.line = _LogOddsLine()
+        self.line = LogOddsLine()
 
     def __call__(self, p) -> float | None:
         return self.line.add(p.seconds, p.token_recall, p.target_tokens)
-
-
-class FactLogit:
-    """The log-odds of fact recall along a line (_LogOddsLine), from the first fact passing
-    (before it the share sits at its floor and says nothing)."""
-
-    def __init__(self):
-        self.line = _LogOddsLine()
-
-    def __call__(self, p) -> float | None:
-        if p.fact_recall == 0 and not self.line.points:
-            return None
-        return self.line.add(p.seconds, p.fact_recall, p.facts)
 
 
 class TokensThenFactPace:
@@ -90,10 +78,4 @@ class TokensThenFactPace:
         return by_facts if self.switched and by_facts is not None else by_tokens
 
 
-ESTIMATORS = {
-    "facts": FactPace,
-    "token-logit": TokenLogit,
-    "fact-logit": FactLogit,
-    "tokens-then-fact-pace": TokensThenFactPace,
-}
 TimeLeft = TokensThenFactPace  # the estimator the trainer reports
