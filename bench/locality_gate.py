@@ -20,12 +20,17 @@ words of any retain passage, has to the stored forms. Reported per kind and know
   hold (other people, other countries): the gate recognises a fact's wording as much as its
   subject, so these reach the adapter, whose answers to them training does not hold;
 - served prompts unchanged, at least: 1 − the false-positive share of the 48 locality prompts
-  (those the gate sends to the base model keep their answer; the rest are counted as changed).
+  (those the gate sends to the base model keep their answer; the rest are counted as changed);
+- held-out nearest same fact / same update: the share of held-out paraphrases and questions whose
+  most similar stored form belongs to their own fact, or to a fact of the same update of 10 (facts
+  0-9, 10-19, ...). What a gate that routed among several adapters, one per update, would need:
+  a held-out form sent to another update's adapter cannot get its fact.
 The stored forms themselves are always routed (similarity 1). Nothing here is trained.
 
     cd bench && ../.venv/bin/python locality_gate.py --kinds all --sizes 12,40,300
 """
 
+import torch
 from common import kinds, parser, setup
 
 from memupdate.memory.adapter import default_family
@@ -47,7 +52,7 @@ def main() -> None:
     header = (
         "| kind | facts | keys | threshold | held-out paraphrases: min similarity, FN | held-out "
         "questions: min, FN | general prompts FP | passage starts FP | neighbours routed | served "
-        "prompts unchanged |"
+        "prompts unchanged | held-out nearest same fact | same update of 10 |"
     )
     rows = []
     for size in map(int, args.sizes.split(",")):
@@ -58,10 +63,23 @@ def main() -> None:
             neighbours = text_states(model, tok, [f.prompt for f in others], first)
             paraphrases = text_states(model, tok, [t for f in held for t in f.paraphrases], first)
             questions = text_states(model, tok, [t for f in held for t in f.questions], first)
-            every_form = [t for f in trained for t in (f.prompt, *f.paraphrases, *f.questions)]
-            key_sets = {"every form": every_form, "prompts": [f.prompt for f in trained]}
-            for name, texts in key_sets.items():
-                gate = Gate.from_texts(model, tok, texts, first)
+            held_owner = torch.tensor(
+                [i for i, f in enumerate(held) for _ in f.paraphrases]
+                + [i for i, f in enumerate(held) for _ in f.questions]
+            )
+            key_sets = {
+                "every form": [
+                    (i, t) for i, f in enumerate(trained) for t in (f.prompt, *f.paraphrases)
+                ]
+                + [(i, t) for i, f in enumerate(trained) for t in f.questions],
+                "prompts": [(i, f.prompt) for i, f in enumerate(trained)],
+            }
+            for name, keys in key_sets.items():
+                gate = Gate.from_texts(model, tok, [t for _, t in keys], first)
+                owner = torch.tensor([i for i, _ in keys])
+                nearest = owner[(torch.cat([paraphrases, questions]) @ gate.keys.T).argmax(1)]
+                same_fact = (nearest == held_owner).float().mean()
+                same_update = (nearest // 10 == held_owner // 10).float().mean()
                 threshold = gate.threshold
                 para, quest = gate.nearest(paraphrases), gate.nearest(questions)
                 fp_prompts, fp_starts = (gate.routed_share(m) for m in measured)
@@ -70,7 +88,8 @@ def main() -> None:
                     f"| {kind} | {size} | {name} | {threshold:.3f} | {para.min():.3f}, "
                     f"{(para < threshold).float().mean():.2f} | {quest.min():.3f}, "
                     f"{(quest < threshold).float().mean():.2f} | {fp_prompts:.2f} | "
-                    f"{fp_starts:.2f} | {routed:.2f} | ≥ {1 - fp_prompts:.2f} |"
+                    f"{fp_starts:.2f} | {routed:.2f} | ≥ {1 - fp_prompts:.2f} | {same_fact:.2f} | "
+                    f"{same_update:.2f} |"
                 )
                 print(rows[-1], flush=True)
     print(f"\nlayer {first} (the default family's adapted layer), seed {args.seed}\n")
