@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from memupdate.memory.eta import FactPace, TokenLogit, TokensThenFactPace
+from memupdate.memory.eta import FactPace, TokenLogit, TokensThenFactPace, within_budget
 from memupdate.memory.memft import Progress
 
 ELL = 500  # target tokens
@@ -68,3 +68,11 @@ def test_the_trainers_estimate_follows_tokens_then_the_pace_of_facts():
         elif by_facts is not None:
             assert answer == by_facts
     assert answer is not None and answer == by_facts
+
+
+def test_no_estimate_goes_past_the_budget():
+    stalled = report(100, 0.09)  # step 100 of 2,000 in 100 s: the step budget ends in 1,900 s
+    assert within_budget(1e6, stalled) == pytest.approx(1900)
+    assert within_budget(1e6, stalled, max_seconds=400) == pytest.approx(300)
+    assert within_budget(50.0, stalled) == 50.0  # an estimate within the budget stands
+    assert within_budget(None, stalled) is None  # unknown stays unknown

@@ -29,7 +29,7 @@ import torch
 
 from memupdate.memory.adapter import AdapterFamily
 from memupdate.memory.encoding import EncodedFact, sequence_length
-from memupdate.memory.eta import TimeLeft
+from memupdate.memory.eta import TimeLeft, within_budget
 from memupdate.memory.frozen_prefix import (
     FrozenPrefix,
     TopLayers,
@@ -359,7 +359,9 @@ def _train(peft_model, facts, pad_id, settings, on_progress, token_weights, reta
                         target_tokens=state.total_tokens,
                         facts=len(facts),
                     )
-                    progress.eta_seconds = estimate_left(progress)
+                    progress.eta_seconds = within_budget(
+                        estimate_left(progress), progress, settings.max_seconds
+                    )
                     on_progress(progress)
 
     # The guarantee is measured on the full model in fp32, as serving will compute it.
