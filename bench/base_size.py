@@ -14,11 +14,9 @@ at which token recall first reaches 0.15 is where the facts' own tokens started 
 
 from dataclasses import replace
 
-from common import fact_set, parser, setup
+from common import fact_set, parser, setup, train
 
 from memupdate.memory.adapter import gated_family
-from memupdate.memory.locality import retain_set
-from memupdate.memory.memft import TrainSettings, train_adapter
 
 ONSET = 0.15  # token recall at which the digits have started to be learned
 
@@ -31,13 +29,10 @@ def main() -> None:
     args = p.parse_args()
     _, load = setup(args)
     facts = fact_set(load, "phonebook", args.facts, seed=7000 + args.facts)
-    model, tok = load()
-    family = replace(gated_family(model.config.num_hidden_layers), learning_rate=args.lr)
+    model, _ = load()
+    family = gated_family(model.config.num_hidden_layers)
     if args.alpha:
         family = replace(family, alpha=args.alpha)
-    settings = TrainSettings(
-        rank=args.rank, family=family, max_steps=20000, max_seconds=args.seconds, seed=args.seed
-    )
     seen = {"epoch": 0, "onset": None}
 
     def on_progress(p) -> None:
@@ -52,8 +47,17 @@ def main() -> None:
             flush=True,
         )
 
-    retain = retain_set(model, tok, family, seed=args.seed)
-    _, result = train_adapter(model, facts, tok.pad_token_id, settings, on_progress, retain=retain)
+    result = train(
+        load,
+        facts,
+        args.rank,
+        args.seed,
+        max_steps=20000,
+        family=family,
+        lr=args.lr,
+        max_seconds=args.seconds,
+        on_progress=on_progress,
+    )
     scale = family.alpha / args.rank
     print(
         f"\n{args.facts} facts ({len(facts)} sequences), rank {args.rank}, alpha {family.alpha:g} "

@@ -59,8 +59,8 @@ def parse_layers(text: str) -> tuple[int, ...]:
 
 def train(load, facts, rank: int, seed: int, max_steps: int, mode: str = "memft", **settings):
     """One training of a fresh base model with the default family; the TrainResult. Extra
-    keyword arguments go to TrainSettings, except `token_weights` (to train_adapter) and `lr`
-    (the family's learning rate)."""
+    keyword arguments go to TrainSettings, except `token_weights` and `on_progress` (to
+    train_adapter) and `lr` (the family's learning rate)."""
     return train_and_measure(load, facts, rank, seed, max_steps, mode, measure=False, **settings)[0]
 
 
@@ -73,6 +73,7 @@ def train_and_measure(load, facts, rank, seed, max_steps, mode="memft", measure=
 
     model, tok = load()
     weights = settings.pop("token_weights", None)
+    on_progress = settings.pop("on_progress", None)
     family = settings.pop("family", None) or default_family(model.config.num_hidden_layers)
     if "lr" in settings:
         family = replace(family, learning_rate=settings.pop("lr"))
@@ -81,6 +82,6 @@ def train_and_measure(load, facts, rank, seed, max_steps, mode="memft", measure=
     )
     retain = retain_set(model, tok, family, seed=seed)
     peft_model, result = train_adapter(
-        model, facts, tok.pad_token_id, config, token_weights=weights, retain=retain
+        model, facts, tok.pad_token_id, config, on_progress, token_weights=weights, retain=retain
     )
     return result, measure_locality(peft_model, tok) if measure else None, peft_model

@@ -69,9 +69,10 @@ def main() -> None:
             )
             key_sets = {
                 "every form": [
-                    (i, t) for i, f in enumerate(trained) for t in (f.prompt, *f.paraphrases)
-                ]
-                + [(i, t) for i, f in enumerate(trained) for t in f.questions],
+                    (i, t)
+                    for i, f in enumerate(trained)
+                    for t in (f.prompt, *f.paraphrases, *f.questions)
+                ],
                 "prompts": [(i, f.prompt) for i, f in enumerate(trained)],
             }
             for name, keys in key_sets.items():
