@@ -337,3 +337,34 @@ def test_an_interrupted_training_leaves_the_base_model_as_it_was(tiny):
     assert [n for n, _ in model.named_modules()] == names
     _, result = train_adapter(model, facts, tok.pad_token_id, settings(model))
     assert result.success
+
+
+def test_a_family_can_step_its_b_matrices_at_their_own_rate(tiny):
+    """LoRA+ (bench/base_size.py): with `b_lr_ratio` the B matrices take AdamW steps at that
+    multiple of the rate. AdamW's first step moves each parameter by about the rate, and only B
+    moves then (A's gradient is zero while B is), so the largest B entry after one step is the
+    rate times the ratio."""
+    model, tok = tiny
+    base = settings(model, max_steps=1)
+    for ratio in (1.0, 4.0):
+        one_step = replace(base, family=replace(base.family, b_lr_ratio=ratio))
+        peft_model, result = train_adapter(model, encoded(tok, 4), tok.pad_token_id, one_step)
+        assert result.optimizer_steps == 1
+        b = [p for n, p in peft_model.named_parameters() if ".lora_B." in n]
+        assert max(float(p.abs().max()) for p in b) == pytest.approx(1e-2 * ratio, rel=1e-3)
+        model = peft_model.unload()
+
+
+def test_optimizer_settings_are_part_of_the_family_only_when_changed():
+    """A family recorded before the optimizer settings existed (its law's identity) reads back
+    the same; a changed one keeps its settings; wrong values are refused."""
+    from memupdate.memory.adapter import AdapterFamily
+
+    family = default_family(30)
+    assert AdapterFamily.from_dict(family.to_dict()) == family
+    assert not {"b_lr_ratio", "grad_clip", "adam_beta2"} & set(family.to_dict())
+    changed = replace(family, b_lr_ratio=4.0, grad_clip=2.0, adam_beta2=0.99)
+    assert AdapterFamily.from_dict(changed.to_dict()) == changed
+    for wrong in ({"b_lr_ratio": 0.0}, {"grad_clip": -1.0}, {"adam_beta2": 1.0}):
+        with pytest.raises(ValueError):
+            replace(family, **wrong)

@@ -41,6 +41,15 @@ class AdapterFamily:
     # above the stopping threshold is a margin against drift. A larger rate needs a higher line
     # (bench/memft_vs_uniform.py: at 5e-3, 0.9 took 2.2x the steps of 0.99 on phone numbers).
     train_until: float = DEFAULT_TRAIN_UNTIL
+    # The optimizer's settings, kept at torch's defaults by every shipped family: LoRA+'s rate
+    # for the B matrices as a multiple of the learning rate (Hayou et al. 2024), the gradient
+    # norm a step is clipped at (0: none) and AdamW's second-moment decay. Measured at the gated
+    # rate (bench/base_size.py, docs/benchmarks.md "A 1,000-fact base from scratch"): LoRA+ at
+    # 2-16x diverged, clipping started learning earlier but finished later, and beta2 0.99 was
+    # 0.81x on phone numbers but 1.44x on counterfactual updates; none is adopted.
+    b_lr_ratio: float = 1.0
+    grad_clip: float = 0.0
+    adam_beta2: float = 0.999
 
     def __post_init__(self):
         for term in ("locality_weight", "norm_weight"):
@@ -48,6 +57,12 @@ class AdapterFamily:
                 raise ValueError(f"{term} must be at least 0 (0 turns the term off)")
         if not 0.5 < self.train_until < 1:
             raise ValueError(f"train_until must be in (0.5, 1), got {self.train_until}")
+        if self.b_lr_ratio <= 0:
+            raise ValueError(f"b_lr_ratio must be positive, got {self.b_lr_ratio}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be at least 0 (0 turns it off), got {self.grad_clip}")
+        if not 0 < self.adam_beta2 < 1:
+            raise ValueError(f"adam_beta2 must be in (0, 1), got {self.adam_beta2}")
 
     @property
     def keeps_locality(self) -> bool:
@@ -76,6 +91,12 @@ class AdapterFamily:
                 del data[term]
         if data["train_until"] == DEFAULT_TRAIN_UNTIL:  # likewise, before the line was a setting
             del data["train_until"]
+        if data["b_lr_ratio"] == 1.0:  # and before LoRA+ and clipping
+            del data["b_lr_ratio"]
+        if not data["grad_clip"]:
+            del data["grad_clip"]
+        if data["adam_beta2"] == 0.999:
+            del data["adam_beta2"]
         return data
 
     @classmethod
@@ -84,6 +105,9 @@ class AdapterFamily:
         data.setdefault("locality_weight", 0.0)  # families recorded before the terms existed
         data.setdefault("norm_weight", 0.0)
         data.setdefault("train_until", DEFAULT_TRAIN_UNTIL)
+        data.setdefault("b_lr_ratio", 1.0)
+        data.setdefault("grad_clip", 0.0)
+        data.setdefault("adam_beta2", 0.999)
         data["target_modules"] = tuple(data["target_modules"])
         if data.get("layers") is not None:
             data["layers"] = tuple(data["layers"])

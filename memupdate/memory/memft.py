@@ -259,7 +259,14 @@ def _train(peft_model, facts, pad_id, settings, on_progress, token_weights, reta
     whitening = retain.whitening(peft_model) if retain is not None else None
     if whitening is not None:
         params = whitening.parameters(params)
-    optimizer = torch.optim.AdamW(params, lr=settings.family.learning_rate, weight_decay=0.0)
+    family = settings.family
+    lr = family.learning_rate
+    b_matrices = {id(p) for n, p in peft_model.named_parameters() if ".lora_B." in n}
+    groups = [
+        {"params": [p for p in params if id(p) not in b_matrices], "lr": lr},
+        {"params": [p for p in params if id(p) in b_matrices], "lr": lr * family.b_lr_ratio},
+    ]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, family.adam_beta2))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: max(0.0, 1.0 - s / settings.max_steps)
     )
@@ -334,6 +341,8 @@ def _train(peft_model, facts, pad_id, settings, on_progress, token_weights, reta
                     loss.backward()
                     if whitening is not None:
                         whitening.pull_gradients()
+                    if family.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(params, family.grad_clip)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     if whitening is not None:
