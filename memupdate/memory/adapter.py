@@ -45,8 +45,8 @@ class AdapterFamily:
     # for the B matrices as a multiple of the learning rate (Hayou et al. 2024), the gradient
     # norm a step is clipped at (0: none) and AdamW's second-moment decay. Measured at the gated
     # rate (bench/base_size.py, docs/benchmarks.md "A 1,000-fact base from scratch"): LoRA+ at
-    # 2-16x diverged, clipping started learning earlier but finished later, and beta2 0.99 was
-    # 0.81x on phone numbers but 1.44x on counterfactual updates; none is adopted.
+    # 2-16x diverged, clipping started learning earlier but finished later, and beta2 0.99 won
+    # on one seed and lost on another (1.44x and 2.1x on counterfactual updates); none is adopted.
     b_lr_ratio: float = 1.0
     grad_clip: float = 0.0
     adam_beta2: float = 0.999
