@@ -91,7 +91,7 @@ class AdapterFamily:
                 del data[term]
         if data["train_until"] == DEFAULT_TRAIN_UNTIL:  # likewise, before the line was a setting
             del data["train_until"]
-        if data["b_lr_ratio"] == 1.0:  # and before LoRA+ and clipping
+        if data["b_lr_ratio"] == 1.0:  # likewise the optimizer's settings
             del data["b_lr_ratio"]
         if not data["grad_clip"]:
             del data["grad_clip"]
