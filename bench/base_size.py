@@ -13,10 +13,9 @@ and its token and fact recall in the final full-model check.
         [--alpha 128] [--lr 5e-3] [--seconds 700] [--variants family,grad_clip=2]
 
 `--alpha` sets LoRA's alpha (the update is scaled by alpha / rank; the family's is 32).
-`--variants` trains once per variant, one after another in this run, and prints each one's start
-of learning and time against the first's. A variant is `family` (the gated family as it is) or
-family settings joined by `+`, e.g. `grad_clip=2+learning_rate=2.5e-3` (any number-valued field
-of memory/adapter.py's AdapterFamily: b_lr_ratio, grad_clip, adam_beta2, ...).
+`--variants` trains once per variant, one after another in this run. A variant is `family` (the
+gated family as it is) or family settings joined by `+`, e.g. `grad_clip=2+learning_rate=2.5e-3`
+(any number-valued field of memory/adapter.py's AdapterFamily: b_lr_ratio, grad_clip, ...).
 """
 
 from dataclasses import replace

@@ -86,32 +86,30 @@ class AdapterFamily:
         data = asdict(self)
         data["target_modules"] = list(self.target_modules)
         data["layers"] = list(self.layers) if self.layers is not None else None
-        for term in ("locality_weight", "norm_weight"):
-            if not data[term]:  # as recorded before the term existed: their laws still fit
-                del data[term]
-        if data["train_until"] == DEFAULT_TRAIN_UNTIL:  # likewise, before the line was a setting
-            del data["train_until"]
-        if data["b_lr_ratio"] == 1.0:  # likewise the optimizer's settings
-            del data["b_lr_ratio"]
-        if not data["grad_clip"]:
-            del data["grad_clip"]
-        if data["adam_beta2"] == 0.999:
-            del data["adam_beta2"]
+        for name, default in ADDED_LATER.items():
+            if data[name] == default:  # as recorded before the setting existed: laws still fit
+                del data[name]
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "AdapterFamily":
-        data = dict(data)
-        data.setdefault("locality_weight", 0.0)  # families recorded before the terms existed
-        data.setdefault("norm_weight", 0.0)
-        data.setdefault("train_until", DEFAULT_TRAIN_UNTIL)
-        data.setdefault("b_lr_ratio", 1.0)
-        data.setdefault("grad_clip", 0.0)
-        data.setdefault("adam_beta2", 0.999)
+        data = {**ADDED_LATER, **data}  # families recorded before these settings existed
         data["target_modules"] = tuple(data["target_modules"])
         if data.get("layers") is not None:
             data["layers"] = tuple(data["layers"])
         return cls(**data)
+
+
+# Settings added after laws were first recorded, with the value every law recorded before them
+# had: a family stores them only where it differs, so its identity (and its law) stays the same.
+ADDED_LATER = {
+    "locality_weight": 0.0,
+    "norm_weight": 0.0,
+    "train_until": DEFAULT_TRAIN_UNTIL,
+    "b_lr_ratio": 1.0,
+    "grad_clip": 0.0,
+    "adam_beta2": 0.999,
+}
 
 
 def default_family(num_layers: int) -> AdapterFamily:

@@ -271,7 +271,7 @@ def _train(peft_model, facts, pad_id, settings, on_progress, token_weights, reta
         optimizer, lambda s: max(0.0, 1.0 - s / settings.max_steps)
     )
     start = time.monotonic()
-    prefix = FrozenPrefix(peft_model, facts, first_adapted_layer(settings.family))
+    prefix = FrozenPrefix(peft_model, facts, first_adapted_layer(family))
     bf16 = native_bf16() if settings.bf16 is None else settings.bf16
     compiled = settings.compile
     if compiled is None:
