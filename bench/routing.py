@@ -14,17 +14,13 @@ their own fact, and to their own update of 10 (facts 0-9, 10-19, ...):
 - `maxsim-L`: token-level late interaction (ColBERT's MaxSim) on the states entering layer L:
   each request token's best cosine match among the stored form's tokens, averaged; L 0 is the
   token embeddings;
-- `idf-words`: lexical: the request's lower-cased words found in the stored form, weighted by
-  inverse document frequency over the stored forms, as a share of the request's weight.
+- `words`: the router the service ships (memory/routing.py): TF-IDF cosine over lower-cased
+  words, a verbatim stored text to its own owner, ties to the newest.
 
 Nothing is trained; base-model states only.
 
     cd bench && ../.venv/bin/python routing.py --kinds all --sizes 40,300
 """
-
-import math
-import re
-from collections import Counter
 
 import torch
 from common import kinds, parser, setup
@@ -32,6 +28,7 @@ from common import kinds, parser, setup
 from memupdate.memory.adapter import default_family
 from memupdate.memory.fact_sets import KINDS
 from memupdate.memory.frozen_prefix import _run_layers, first_adapted_layer
+from memupdate.memory.routing import WordRouter
 
 
 def token_states(model, tokenizer, texts: list[str], layer: int) -> list[torch.Tensor]:
@@ -67,31 +64,23 @@ def nearest_by_maxsim(queries: list[torch.Tensor], keys: list[torch.Tensor]) -> 
     return torch.tensor(best)
 
 
-def words(text: str) -> set[str]:
-    return set(re.findall(r"\w+", text.lower()))
-
-
-def nearest_by_idf(queries: list[str], keys: list[str]) -> torch.Tensor:
-    key_words = [words(k) for k in keys]
-    df = Counter(w for ws in key_words for w in ws)
-    idf = {w: math.log(len(keys) / n) for w, n in df.items()}
-    best = []
-    for q in map(words, queries):
-        weights = {w: idf.get(w, 0.0) for w in q}
-        scores = [sum(weights[w] for w in q & ws) for ws in key_words]
-        best.append(max(range(len(keys)), key=scores.__getitem__))
-    return torch.tensor(best)
+def nearest_by_words(queries: list[str], keys: list[str]) -> torch.Tensor:
+    """The product's router (memory/routing.py), each stored form its own owner."""
+    router = WordRouter(keys, list(range(len(keys))))
+    routed = (router.route(q) for q in queries)
+    return torch.tensor([-1 if r is None else r for r in routed])  # -1: no stored form
 
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--sizes", default="40", help="knowledge-base sizes (facts), comma-separated")
-    p.add_argument("--maxsim-layers", default="0,25", help="layers for maxsim, comma-separated")
+    p.add_argument("--maxsim-layers", default="0,25", help="maxsim layers (empty: none)")
     args = p.parse_args()
     _, load = setup(args)
     model, tok = load()
     gate_layer = first_adapted_layer(default_family(model.config.num_hidden_layers))
-    layers = sorted({gate_layer, *map(int, args.maxsim_layers.split(","))})
+    maxsim_layers = [int(x) for x in args.maxsim_layers.split(",") if x]
+    layers = sorted({gate_layer, *maxsim_layers})
     rows = []
     for size in map(int, args.sizes.split(",")):
         for kind in kinds(args):
@@ -119,12 +108,13 @@ def main() -> None:
                     torch.stack([s.mean(0) for s in q]), torch.stack([s.mean(0) for s in k])
                 ),
             }
-            for layer in map(int, args.maxsim_layers.split(",")):
+            for layer in maxsim_layers:
                 stored, asked = states[layer]
                 nearest[f"maxsim-{layer}"] = nearest_by_maxsim(asked, stored)
-            nearest["idf-words"] = nearest_by_idf(query_texts, key_texts)
+            nearest["words"] = nearest_by_words(query_texts, key_texts)
+            unrouted = torch.cat([key_owner, torch.tensor([-(10**9)])])  # index -1: nobody
             for name, chosen in nearest.items():
-                owner = key_owner[chosen]
+                owner = unrouted[chosen]
                 same_fact = float((owner == query_owner).float().mean())
                 same_update = float((owner // 10 == query_owner // 10).float().mean())
                 rows.append(f"| {kind} | {size} | {name} | {same_fact:.3f} | {same_update:.3f} |")

@@ -9,12 +9,13 @@ import grpc
 
 from memupdate.memory.facts import FactError
 from memupdate.memory.law import LawError
+from memupdate.memory.routing import encode_by_owner
 from memupdate.service import jobs as J
 from memupdate.service.metrics import forget_knowledge_base
 from memupdate.service.monitor import RecallMonitor
 from memupdate.service.runtime import in_passing_thread
 from memupdate.service.update import Runtime, UpdateRequest, plan, prepare
-from memupdate.serving.backends import rollback, verify_and_go_live
+from memupdate.serving.backends import rollback, served_forms, verify_and_go_live
 from memupdate.serving.probes import worst_fact_recall, worst_locality
 from memupdate.serving.registry import RegistryError
 from memupdate.serving.vllm_client import ServingError, serving_recall, worst_replica
@@ -354,9 +355,9 @@ class Servicer(pb_grpc.KnowledgeUpdateServicer):
                 else live.facts()
             )
             tok = self.plan_rt.tokenizer
-            encoded = self.plan_rt.encode(facts)
+            encoded, names = served_forms(live, facts, self.plan_rt.encode)
             results = [
-                serving_recall(c, request.knowledge_base, encoded, tok)
+                serving_recall(c, request.knowledge_base, encoded, tok, names=names)
                 for c in self.rt.backend.replicas()
             ]
         except (InvalidRequest, FactError, ServingError) as err:
@@ -385,13 +386,15 @@ class Servicer(pb_grpc.KnowledgeUpdateServicer):
         self._kb_or_404(request.knowledge_base, context)
         live = self._live_or_412(request.knowledge_base, context)
         try:
+            encoded, held_by = encode_by_owner(self.plan_rt.encode, live.facts(), live.held_by())
             result = verify_and_go_live(
                 self.rt.registry,
                 self.rt.backend,
                 live,
-                self.plan_rt.encode(live.facts()),
+                encoded,
                 self.plan_rt.tokenizer,
                 live.target_fact_recall,
+                held_by=held_by,
             )
         except ServingError as err:
             self._abort_for(context, err)

@@ -38,3 +38,9 @@ def test_a_service_adapts_the_layers_it_is_given_and_refuses_ones_the_model_lack
         ValueError, match=r"no layer \[9\] to adapt; this model's layers are 0 to 3"
     ):
         load_runtime(config, open_registry(config), backend=None)
+
+
+def test_one_adapter_per_update_needs_the_gate_that_routes_among_them():
+    with pytest.raises(ValidationError, match="adapter_per_update needs the gate"):
+        ServiceConfig(adapter_per_update=True)
+    assert ServiceConfig(adapter_per_update=True, gate=True).adapter_per_update

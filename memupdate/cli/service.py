@@ -32,6 +32,7 @@ def _config(args):
         adapter_norm_weight=args.adapter_norm_weight,
         adapter_train_until=args.adapter_train_until,
         gate=args.gate,
+        adapter_per_update=args.adapter_per_update,
     )
 
 
@@ -101,6 +102,13 @@ def _shared_options(cmd) -> None:
         default=None,
         help="publish each version with a prompt gate: vLLM answers prompts unlike any stored "
         "fact with the base model (jobs then train the gated family: lr 5e-3, line 0.99)",
+    )
+    cmd.add_argument(
+        "--adapter-per-update",
+        action="store_true",
+        default=None,
+        help="with --gate: each update trains an adapter of its own for its new facts, never "
+        "the old ones, and the gate routes each request to the adapter that holds its fact",
     )
 
 

@@ -18,7 +18,7 @@ facts of three kinds; prompts worded like a stored fact about another subject do
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ import torch
 from memupdate.memory.encoding import EncodedFact
 from memupdate.memory.frozen_prefix import _run_layers
 from memupdate.memory.locality import cached_from_base, locality_prompts, passages, prompts
+from memupdate.memory.routing import WordRouter
 
 KEYS_FILE = "gate.safetensors"
 SETTINGS_FILE = "gate.json"
@@ -83,18 +84,50 @@ class Gate:
     keys: torch.Tensor  # (stored forms, hidden size), unit length
     layer: int
     threshold: float
+    # With one adapter per update: each stored form's text and the version whose adapter holds
+    # it; a routed request goes to the version the word router picks (memory/routing.py).
+    texts: list[str] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.router = WordRouter(self.texts, self.versions) if self.versions else None
 
     @classmethod
-    def build(cls, model, tokenizer, facts: list[EncodedFact], layer: int) -> "Gate":
-        """The gate of these facts (the base model's states: call it without an adapter)."""
-        return cls.from_texts(model, tokenizer, stored_texts(facts), layer)
+    def build(
+        cls,
+        model,
+        tokenizer,
+        facts: list[EncodedFact],
+        layer: int,
+        versions: list[int] | None = None,
+        previous: "Gate | None" = None,
+    ) -> "Gate":
+        """The gate of these facts (the base model's states: call it without an adapter).
+        `versions`: per fact form, the version whose adapter holds it (one adapter per update).
+        States already stored in `previous` (the live version's gate) are reused."""
+        texts = stored_texts(facts)
+        owners = []
+        if versions is not None:
+            owner_of = {f.asked: v for f, v in zip(facts, versions, strict=True)}
+            owners = [owner_of[t] for t in texts]
+        return cls.from_texts(model, tokenizer, texts, layer, owners, previous)
 
     @classmethod
-    def from_texts(cls, model, tokenizer, texts: list[str], layer: int) -> "Gate":
+    def from_texts(
+        cls, model, tokenizer, texts: list[str], layer: int, versions=(), previous=None
+    ) -> "Gate":
         """The gate that stores these texts, its threshold from the retain side."""
-        keys = text_states(model, tokenizer, texts, layer)
+        known = {}
+        if previous is not None and previous.layer == layer and previous.texts:
+            known = dict(zip(previous.texts, previous.keys, strict=True))
+        new = [t for t in texts if t not in known]
+        if new:
+            known.update(zip(new, text_states(model, tokenizer, new, layer), strict=True))
+        keys = torch.stack([known[t] for t in texts])
         general = retain_states(model, tokenizer, layer)
-        return cls(keys, layer, float((general @ keys.T).max()))
+        threshold = float((general @ keys.T).max())
+        stored = list(texts) if versions else []
+        return cls(keys, layer, threshold, stored, list(versions))
 
     def nearest(self, states: torch.Tensor) -> torch.Tensor:
         """Each state's cosine similarity to its nearest stored form."""
@@ -107,6 +140,11 @@ class Gate:
     def routes(self, model, tokenizer, text: str) -> bool:
         """Whether `text` goes to the adapter."""
         return self.similarity(model, tokenizer, text) >= self.threshold
+
+    def version_for(self, text: str) -> int | None:
+        """With one adapter per update, the version whose adapter a routed `text` goes to;
+        None for a gate of one adapter."""
+        return self.router.route(text) if self.router is not None else None
 
     def routed_share(self, states: torch.Tensor) -> float:
         """The share of these texts' states (text_states) this gate sends to the adapter."""
@@ -121,6 +159,8 @@ class Gate:
 
         save_file({"keys": self.keys.contiguous()}, str(Path(folder) / KEYS_FILE))
         settings = {"layer": self.layer, "threshold": self.threshold}
+        if self.versions:
+            settings |= {"texts": self.texts, "versions": self.versions}
         (Path(folder) / SETTINGS_FILE).write_text(json.dumps(settings))
 
     @classmethod
@@ -133,4 +173,10 @@ class Gate:
             return None
         data = json.loads(settings.read_text())
         keys = load_file(str(Path(folder) / KEYS_FILE))["keys"]
-        return cls(keys, int(data["layer"]), float(data["threshold"]))
+        return cls(
+            keys,
+            int(data["layer"]),
+            float(data["threshold"]),
+            data.get("texts", []),
+            data.get("versions", []),
+        )

@@ -52,6 +52,11 @@ class ServiceConfig(BaseSettings):
     # form, so prompts about other things keep the base model's answers exactly. Jobs then train
     # the gated family (a larger rate: faster, and facts reached from more wordings).
     gate: bool = False
+    # With the gate: each update trains an adapter of its own for its new and changed facts (the
+    # law plans for their ℓ alone) and never touches the older facts' adapters; the gate routes
+    # each request to the adapter that holds its fact (memupdate/memory/routing.py). An update
+    # then costs what is new at any base size.
+    adapter_per_update: bool = False
     # The adapter family every job trains (and whose law plans the rank): empty / None keep the
     # default family's modules, learning rate, training line and locality terms' weights
     # (memupdate.memory.adapter.default_family, or gated_family with the gate on).
@@ -98,6 +103,15 @@ class ServiceConfig(BaseSettings):
             scheme = url.partition(":")[0]
             raise ValueError(f"database_url must be a postgresql:// URL, not {scheme!r}")
         return url
+
+    @model_validator(mode="after")
+    def _routed(self) -> "ServiceConfig":
+        if self.adapter_per_update and not self.gate:
+            raise ValueError(
+                "adapter_per_update needs the gate (gate=true, `--gate`): the gate is what routes "
+                "a request to the adapter that holds its fact"
+            )
+        return self
 
     @model_validator(mode="after")
     def _someone_trains(self) -> "ServiceConfig":

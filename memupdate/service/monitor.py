@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from memupdate.memory.facts import Fact
 from memupdate.service.metrics import PROBE_FAILURES, PROBE_RUNS, REPLICA_UP
+from memupdate.serving.backends import served_forms
 from memupdate.serving.probes import probe_record
 from memupdate.serving.registry import Registry
 from memupdate.serving.vllm_client import ServingError, serving_recall, worst_replica
@@ -91,15 +92,14 @@ class RecallMonitor(threading.Thread):
             live = self.registry.live(kb)
             if live is None:
                 return None
-            facts = self.sample(kb, live.facts())
-            encoded = self.encode(facts)
+            encoded, names = served_forms(live, self.sample(kb, live.facts()), self.encode)
             PROBE_RUNS.labels(kb).inc()
             results = []
             for client in self.backend.replicas():
                 try:
                     results.append(
                         serving_recall(
-                            client, kb, encoded, self.tokenizer, self.settings.greedy_facts
+                            client, kb, encoded, self.tokenizer, self.settings.greedy_facts, names
                         )
                     )
                 except ServingError as err:

@@ -68,6 +68,7 @@ def load_runtime(config: ServiceConfig, registry: Registry, backend: ServingBack
         default_max_steps=config.default_max_steps,
         warm_start=config.warm_start,
         gate=config.gate,
+        adapter_per_update=config.adapter_per_update,
         max_facts=config.max_facts_per_update,
         serving_wait_s=config.serving_wait_s,
     )

@@ -1,12 +1,19 @@
 """One knowledge-base update, from request to live: merge facts, plan, train, publish, verify.
 
 Each new version holds the whole knowledge base: the old facts and the new ones; a new fact whose
-prompt already exists with another target replaces the old one (the job says how many). The law's
-rank is chosen for the whole base's ℓ. Training starts from the live version's adapter when it
-is of the same family (growing its rank if the plan asks for more, never shrinking it), so an
-update costs about what is new; MemFT still stops only when every fact of the base passes. A
-fresh adapter is trained when there is no live version, the family changed, or the warm start
-fails to reach full recall (the job's events say which).
+prompt already exists with another target replaces the old one (the job says how many).
+
+By default one adapter holds the whole base: the law's rank is chosen for the whole base's ℓ, and
+training starts from the live version's adapter when it is of the same family (growing its rank
+if the plan asks for more, never shrinking it); MemFT still stops only when every fact of the
+base passes. A fresh adapter is trained when there is no live version, the family changed, or
+the warm start fails to reach full recall (the job's events say which).
+
+With one adapter per update (`adapter_per_update`, behind the prompt gate), a version trains a
+fresh adapter on its new and changed facts alone, planned for their ℓ; the older facts stay with
+the adapters of the versions that trained them (the version's `held_by`), untouched, and the
+gate routes each request to the adapter that holds its fact (memory/routing.py). The serving
+check still covers every fact of the base, each through its own adapter.
 """
 
 import shutil
@@ -28,6 +35,7 @@ from memupdate.memory.locality import measure_locality, retain_set
 from memupdate.memory.locality import prepare as prepare_locality
 from memupdate.memory.memft import DEFAULT_MARGIN, Progress, TrainSettings, train_adapter
 from memupdate.memory.planning import PlanReport, plan_update, record_training
+from memupdate.memory.routing import encode_by_owner
 from memupdate.memory.warm_start import WarmStartError
 from memupdate.service.metrics import (
     LAW_RECALL_ERROR,
@@ -76,6 +84,8 @@ class Runtime:
     default_max_steps: int = 2000
     warm_start: bool = True  # start from the live version's adapter when the family matches
     gate: bool = False  # publish each version with its prompt gate (memory/gate.py)
+    # Each version trains an adapter of its own for its new facts; the gate routes among them.
+    adapter_per_update: bool = False
     max_facts: int = 100_000
     progress_interval_s: float = 1.0
     serving_wait_s: float = 300.0  # how long to retry unreachable replicas before failing
@@ -97,24 +107,25 @@ class Runtime:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def fact_key(f: Fact):
+    """What makes two facts the same fact: the prompt (or the text)."""
+    return ("prompt", f.prompt) if f.text is None else ("text", f.text)
+
+
 def merge_facts(old: list[Fact], new: list[Fact]) -> tuple[list[Fact], list[Fact]]:
     """(merged, replaced): new facts added to the old ones; a new fact with the prompt (or text)
     of an old one replaces it."""
-
-    def key(f: Fact):
-        return ("prompt", f.prompt) if f.text is None else ("text", f.text)
-
     seen: dict = {}
     for fact in new:  # within one update, the same prompt twice is a contradiction
-        other = seen.setdefault(key(fact), fact)
+        other = seen.setdefault(fact_key(fact), fact)
         if other.target != fact.target:
             raise FactError(
                 f"{fact.where}: contradicts {other.where}: same prompt, different target"
             )
-    merged = {key(f): f for f in old}
-    replaced = [merged[key(f)] for f in new if key(f) in merged and merged[key(f)] != f]
+    merged = {fact_key(f): f for f in old}
+    replaced = [merged[k] for f in new if (k := fact_key(f)) in merged and merged[k] != f]
     for fact in new:
-        merged[key(fact)] = fact
+        merged[fact_key(fact)] = fact
     return list(merged.values()), replaced
 
 
@@ -126,6 +137,24 @@ def prepare(rt: Runtime, request: UpdateRequest) -> tuple[list[Fact], list[Encod
     check_fact_count(merged, rt.max_facts)
     encoded = rt.encode(merged)
     return merged, encoded, len(replaced)
+
+
+def held_by_versions(rt: Runtime, kb: str, merged: list[Fact]) -> list[int] | None:
+    """With one adapter per update: per merged fact, the version whose adapter holds it, 0 for
+    the version this update trains (its new and changed facts); None when one adapter holds
+    the whole base."""
+    if not rt.adapter_per_update:
+        return None
+    live = rt.registry.live(kb)
+    old = {}
+    if live is not None:
+        old = {fact_key(f): (f, v) for f, v in zip(live.facts(), live.held_by(), strict=True)}
+    held = []
+    for fact in merged:
+        was, version = old.get(fact_key(fact), (None, 0))
+        unchanged = was is not None and was.to_json() == fact.to_json()
+        held.append(version if unchanged else 0)
+    return held
 
 
 def _plan_encoded(rt: Runtime, encoded: list[EncodedFact], request: UpdateRequest) -> PlanReport:
@@ -157,7 +186,14 @@ def plan(rt: Runtime, request: UpdateRequest) -> tuple[PlanReport, int]:
 
 
 def go_live_with_retries(
-    rt: Runtime, version, encoded, request: UpdateRequest, emit: Emit, cancelled, still_ours
+    rt: Runtime,
+    version,
+    encoded,
+    request: UpdateRequest,
+    emit: Emit,
+    cancelled,
+    still_ours,
+    held_by: list[int] | None = None,
 ) -> GoLiveResult:
     """The serving check, retried with exponential backoff (1 s doubling to 30 s) while vLLM
     cannot be reached, for up to rt.serving_wait_s; then the job fails saying why. The version
@@ -175,6 +211,7 @@ def go_live_with_retries(
                 rt.tokenizer,
                 request.target_fact_recall,
                 still_ours=still_ours,
+                held_by=held_by,
             )
         except ServingError as err:
             if time.monotonic() + delay > deadline:
@@ -231,10 +268,14 @@ def _train(rt: Runtime, encoded, settings, on_progress, start_from, work: Path, 
     return once(None)
 
 
-def _save_gate(rt: Runtime, encoded, folder: Path) -> dict:
+def _save_gate(rt: Runtime, encoded, folder: Path, kb: str, held_by=None) -> dict:
     """Save the version's prompt gate beside its adapter (vLLM's plugin reads it there); what
-    it stores, and the share of the general locality prompts it would send to the adapter."""
-    gate = Gate.build(rt.model, rt.tokenizer, encoded, first_adapted_layer(rt.family))
+    it stores, and the share of the general locality prompts it would send to the adapter.
+    `held_by`: per form, the version whose adapter holds it (one adapter per update)."""
+    live = rt.registry.live(kb)
+    previous = Gate.load(live.path) if live is not None and held_by is not None else None
+    layer = first_adapted_layer(rt.family)
+    gate = Gate.build(rt.model, rt.tokenizer, encoded, layer, held_by, previous)
     gate.save(folder)
     return {
         "stored_forms": len(gate.keys),
@@ -269,10 +310,27 @@ def run_update(
     if published is not None:
         return _resume(rt, published, request, emit, cancelled, still_ours)
     merged, encoded, replaced = prepare(rt, request)
+    held_by = held_by_versions(rt, request.kb, merged)
+    forms_held_by, train_on = None, encoded
+    if held_by is not None:
+        encoded, forms_held_by = encode_by_owner(rt.encode, merged, held_by)
+        train_on = rt.encode([f for f, v in zip(merged, held_by, strict=True) if v == 0])
+        if not train_on:
+            raise UpdateFailed("nothing to train: every posted fact is already in the base")
     with rt.lock:  # one training on this model at a time
         started = time.monotonic()
-        report = _plan_encoded(rt, encoded, request)
-        start_from, live_rank, start_note = warm_start_source(rt, request.kb)
+        report = _plan_encoded(rt, train_on, request)
+        if held_by is None:
+            start_from, live_rank, start_note = warm_start_source(rt, request.kb)
+        else:
+            start_from, live_rank = None, 0
+            kept = sorted({v for v in held_by if v})
+            start_note = f"an adapter of its own for {held_by.count(0)} new or changed fact(s)" + (
+                f"; {len(held_by) - held_by.count(0)} fact(s) stay with the adapters of "
+                + ", ".join(f"v{v}" for v in kept)
+                if kept
+                else ""
+            )
         if start_from is not None and live_rank > report.rank:  # shrinking would forget
             report = replace(
                 report,
@@ -305,8 +363,10 @@ def run_update(
 
         work = Path(tempfile.mkdtemp(prefix="memupdate-job-"))
         try:
-            result, locality = _train(rt, encoded, settings, on_progress, start_from, work, emit)
-            gate = _save_gate(rt, encoded, work / "adapter") if rt.gate and result.success else None
+            result, locality = _train(rt, train_on, settings, on_progress, start_from, work, emit)
+            gate = None
+            if rt.gate and result.success:
+                gate = _save_gate(rt, encoded, work / "adapter", request.kb, forms_held_by)
             train_s = time.monotonic() - started - plan_s
             PHASE_SECONDS.labels("train").observe(train_s)
             TRAINING_STEPS.inc(result.steps)
@@ -341,7 +401,7 @@ def run_update(
                     report.rank,
                     report.adapter_params,
                     f"job:{request.kb}",
-                    len(encoded),
+                    len(train_on),
                     locality.token_agreement if locality else None,
                     novel_share=report.novel_share,
                 ),
@@ -371,6 +431,7 @@ def run_update(
                     "training_recall": result.recall.to_dict(),
                     "locality": locality.to_dict() if locality else None,
                     "gate": gate,
+                    **({"held_by": held_by} if held_by is not None else {}),
                 },
                 merged,
             )
@@ -380,7 +441,9 @@ def run_update(
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    live, worst, verify_s = _go_live(rt, version, encoded, request, emit, cancelled, still_ours)
+    live, worst, verify_s = _go_live(
+        rt, version, encoded, request, emit, cancelled, still_ours, forms_held_by
+    )
     timings = {"plan_s": plan_s, "train_s": train_s, "publish_s": publish_s, "verify_s": verify_s}
     return {
         "version": version.version,
@@ -393,10 +456,10 @@ def run_update(
     }
 
 
-def _go_live(rt: Runtime, version, encoded, request, emit: Emit, cancelled, still_ours):
+def _go_live(rt: Runtime, version, encoded, request, emit: Emit, cancelled, still_ours, held_by):
     """(GoLiveResult, worst replica's recall, seconds); raises UpdateFailed if not live."""
     t0 = time.monotonic()
-    live = go_live_with_retries(rt, version, encoded, request, emit, cancelled, still_ours)
+    live = go_live_with_retries(rt, version, encoded, request, emit, cancelled, still_ours, held_by)
     verify_s = time.monotonic() - t0
     PHASE_SECONDS.labels("verify").observe(verify_s)
     worst = worst_replica(live.per_replica.values())
@@ -418,8 +481,10 @@ def _resume(rt: Runtime, version, request: UpdateRequest, emit: Emit, cancelled,
             "checking it through serving instead of training again",
         },
     )
-    encoded = rt.encode(version.facts())
-    live, worst, verify_s = _go_live(rt, version, encoded, request, emit, cancelled, still_ours)
+    encoded, held_by = encode_by_owner(rt.encode, version.facts(), version.held_by())
+    live, worst, verify_s = _go_live(
+        rt, version, encoded, request, emit, cancelled, still_ours, held_by
+    )
     meta = version.metadata
     return {
         "version": version.version,

@@ -15,6 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from memupdate.memory.encoding import EncodedFact
+from memupdate.memory.facts import Fact
+from memupdate.memory.gate import Gate
+from memupdate.memory.routing import encode_by_owner
 from memupdate.serving.probes import probe_record
 from memupdate.serving.registry import Registry, Version, fault_point
 from memupdate.serving.vllm_client import (
@@ -117,15 +120,28 @@ class ManagedBackend(ServingBackend):
 
 
 def restore_live(registry: Registry, backend: ServingBackend) -> list[str]:
-    """Load every live version under its knowledge base's name (after a replica restart)."""
+    """Load every live version under its knowledge base's name (after a replica restart), and
+    with one adapter per update the older versions' adapters it routes to."""
     restored = []
     for kb in registry.knowledge_bases():
         live = registry.live(kb)
         if live is not None:
             for client in backend.replicas():
+                load_held_adapters(registry, client, live, live.held_by())
                 client.load_adapter(kb, str(live.path))
             restored.append(kb)
     return restored
+
+
+def load_held_adapters(registry: Registry, client: VLLMClient, version: Version, held_by) -> None:
+    """Load, under `kb@vN`, each older version whose adapter holds some of `version`'s facts
+    (one adapter per update; 0 or the version itself: its own), unless the replica has it."""
+    older = sorted({v for v in held_by if v not in (0, version.version)})
+    served = client.served_adapters() if older else {}
+    for number in older:
+        name = f"{version.kb}@v{number}"
+        if name not in served:
+            client.load_adapter(name, str(registry.version(version.kb, number).path))
 
 
 @dataclass
@@ -149,19 +165,28 @@ def verify_and_go_live(
     target_fact_recall: float,
     greedy_limit: int | None = GO_LIVE_GREEDY_FACTS,
     still_ours: Callable[[], bool] = lambda: True,
+    held_by: list[int] | None = None,
 ) -> GoLiveResult:
     """Stage `version` on every replica, measure recall through each (every fact teacher-forced,
     the `greedy_limit` weakest decoded greedily), and make it live only if every replica reaches
     the target fact recall and reproduces those facts greedily, and `still_ours()` (the job
-    still holds its lease: another worker may be running it now)."""
+    still holds its lease: another worker may be running it now). `held_by`: per fact, the
+    version whose adapter holds it (one adapter per update; 0: this one): each fact is then
+    checked through that version's adapter, loaded as `kb@vN` where a replica lacks it."""
     backend.ensure_up(registry)
     name = staging_name(version)
+    names = None
+    if held_by is not None:
+        names = [name if v in (0, version.version) else f"{version.kb}@v{v}" for v in held_by]
     results: dict[str, ServingRecall] = {}
     try:
         for client in backend.replicas():
+            load_held_adapters(registry, client, version, held_by or ())
             client.load_adapter(name, str(version.path))
             fault_point("serving_check")
-            results[client.url] = serving_recall(client, name, facts, tokenizer, greedy_limit)
+            results[client.url] = serving_recall(
+                client, name, facts, tokenizer, greedy_limit, names
+            )
     finally:
         for client in backend.replicas():
             try:
@@ -201,6 +226,23 @@ def verify_and_go_live(
             else ""
         ),
     )
+
+
+def served_forms(version: Version, facts: list[Fact], encode) -> tuple[list, list[str]]:
+    """Every form of `facts` and the name to ask it under so that it reaches the adapter an
+    application asking the knowledge base gets: the knowledge base's own name, or, with one
+    adapter per update, the adapter of the version its fact routes to (`kb@vN`, loaded on the
+    replicas when the version went live). Its prompt (or text) decides: a stored fact routes
+    to the adapter that holds it."""
+    gate = Gate.load(version.path)
+
+    def owner(fact: Fact) -> int:
+        routed = gate.version_for(fact.prompt or fact.text) if gate is not None else None
+        return routed or version.version  # 0: the version's own adapter
+
+    encoded, owners = encode_by_owner(encode, facts, [owner(f) for f in facts])
+    names = [version.kb if v == version.version else f"{version.kb}@v{v}" for v in owners]
+    return encoded, names
 
 
 def rollback(registry: Registry, backend: ServingBackend, kb: str) -> Version:

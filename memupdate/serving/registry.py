@@ -84,6 +84,14 @@ class Version:
     def facts(self) -> list[Fact]:
         return load_facts(self.path / FACTS_FILE) if (self.path / FACTS_FILE).exists() else []
 
+    def held_by(self) -> list[int]:
+        """Per fact of facts(), the version whose adapter holds it: this one, unless it was
+        trained with one adapter per update (metadata `held_by`, 0 standing for this one)."""
+        held = self.metadata.get("held_by")
+        if held is None:
+            return [self.version] * len(self.facts())
+        return [v or self.version for v in held]
+
 
 def validate_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):

@@ -264,17 +264,31 @@ def _in_order(answer: dict) -> list[dict]:
     return sorted(answer["choices"], key=lambda c: c["index"])
 
 
+def _by_name(names: list[str], items: list, ask) -> list:
+    """`ask(name, items)` once per served name, for the items served under it; the answers
+    back in the items' order."""
+    out: list = [None] * len(items)
+    for name in dict.fromkeys(names):
+        members = [i for i, n in enumerate(names) if n == name]
+        for i, answer in zip(members, ask(name, [items[i] for i in members]), strict=True):
+            out[i] = answer
+    return out
+
+
 def serving_recall(
     client: VLLMClient,
     model: str,
     facts: list[EncodedFact],
     tokenizer,
     greedy_limit: int | None = None,
+    names: list[str] | None = None,
 ) -> ServingRecall:
-    """Recall of `facts` through the server under the name `model`, and its locality."""
+    """Recall of `facts` through the server under the name `model` (or, per fact, the name in
+    `names` that serves it: one adapter per update), and the locality of `model`."""
     import torch
 
-    probs = [torch.tensor(p) for p in client.target_probabilities(model, facts)]
+    names = names or [model] * len(facts)
+    probs = [torch.tensor(p) for p in _by_name(names, facts, client.target_probabilities)]
     report = summarize(facts, probs)
     # Greedy decoding is checked on the facts whose lowest served probability is lowest: every
     # fact is already checked teacher-forced, and above 0.5 greedy decoding cannot differ, so the
@@ -284,17 +298,19 @@ def serving_recall(
     weakest = sorted(range(len(facts)), key=lambda i: float(probs[i].min()))
     checked = []
     for form in dict.fromkeys(f.form for f in facts):
-        of_form = [facts[i] for i in weakest if facts[i].form == form]
+        of_form = [i for i in weakest if facts[i].form == form]
         checked += of_form if greedy_limit is None else of_form[:greedy_limit]
     # Locality is asked beside the greedy answers, so the server batches them together.
     with ThreadPoolExecutor(max_workers=1) as pool:
         asked_locality = pool.submit(client.locality, model, tokenizer)
-        texts = client.greedy_texts(model, checked) if checked else []
+        checked_names = [names[i] for i in checked]
+        texts = _by_name(checked_names, [facts[i] for i in checked], client.greedy_texts)
         locality = asked_locality.result()
     # The chat endpoint leaves out the end-of-turn token that ends a chat form's target.
     mismatches = [
-        f.source
-        for f, text in zip(checked, texts, strict=True)
-        if text != tokenizer.decode(list(f.target_ids), skip_special_tokens=f.form == "chat")
+        facts[i].source
+        for i, text in zip(checked, texts, strict=True)
+        if text
+        != tokenizer.decode(list(facts[i].target_ids), skip_special_tokens=facts[i].form == "chat")
     ]
     return ServingRecall(report, len(checked), len(checked) - len(mismatches), mismatches, locality)

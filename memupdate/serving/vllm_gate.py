@@ -4,7 +4,9 @@ vLLM picks a request's adapter from its model name (`BaseServing._maybe_get_adap
 0.32). The plugin wraps that choice in the API server's process: when the adapter named is a
 knowledge base's live version published with a gate (`gate.json` beside its weights), a request
 the gate does not route is answered by the base model instead, so its answer is the base model's
-exactly. What is gated, and what is not:
+exactly; with one adapter per update (gate.json lists each stored form's version), a request it
+routes gets the adapter of the version that holds the nearest fact (`kb@vN`). What is gated, and
+what is not:
 - completions with a text prompt, and chat completions by their last user message;
 - not the versioned name `kb@vN` (the go-live check measures the adapter itself through it);
 - not requests that score a given text (`prompt_logprobs`: the recall probes teacher-force a fact
@@ -79,14 +81,34 @@ class GatedAdapters:
         model, tokenizer = self.base(serving.model_config.model)
         similarity = gate.similarity(model, tokenizer, text)
         routed = similarity >= gate.threshold
+        chosen = self.update_adapter(serving, lora, gate.version_for(text)) if routed else None
         log.debug(
             "gate of %s: similarity %.3f, threshold %.3f: %s",
             lora.lora_name,
             similarity,
             gate.threshold,
-            "adapter" if routed else "base model",
+            chosen.lora_name if chosen else "base model",
         )
-        return lora if routed else None
+        return chosen
+
+    @staticmethod
+    def update_adapter(serving, lora, version: int | None):
+        """With one adapter per update, the adapter of `version` (`kb@vN`, the version's folder
+        beside the live one's), registered with vLLM under that name if it is not yet; the
+        knowledge base's own adapter for 0 (the gate's own version) or None (one adapter)."""
+        if not version:
+            return lora
+        from vllm.lora.request import LoRARequest
+
+        kb_folder = Path(lora.lora_path).parent  # the registry's folder of the knowledge base
+        name = f"{kb_folder.name}@v{version}"
+        known = serving.models.lora_requests.get(name)
+        if known is None:  # vLLM's worker loads it from its folder when first asked
+            folder = kb_folder / f"v{version}"
+            number = serving.models.lora_id_counter.inc(1)
+            known = LoRARequest(lora_name=name, lora_int_id=number, lora_path=str(folder))
+            serving.models.lora_requests[name] = known
+        return known
 
 
 SERVING_MODULE = "vllm.entrypoints.serve.engine.serving"
