@@ -6,10 +6,11 @@ serving check of every fact through vLLM): a warm start from the live adapter (t
 default). In the same run, the old way for comparison: the base and the 10 new facts trained
 from a fresh adapter into a new knowledge base, which is what every update cost before warm
 starts. Then `--sequential` updates of 10 facts each into one knowledge base, and a greedy check
-through vLLM of every fact at the end.
+through vLLM of every fact at the end. With `--adapter-per-update` (and `--gate`) the service
+trains each update's facts into an adapter of their own instead of warm-starting the whole base.
 
     .venv/bin/python bench/incremental.py [--bases 0,100,300,1000] [--sequential 30] [--rank 0]
-        [--kind phonebook|biography|counterfactual] [--gate]
+        [--kind phonebook|biography|counterfactual] [--gate [--adapter-per-update]]
 """
 
 import argparse
@@ -84,9 +85,10 @@ def sequential(model, work: Path, count: int, rank: int, kind: str, flags: list[
     try:
         facts = KINDS[kind](10 * count, seed=9100)
         with service.client(timeout_s=120) as client:
-            total = time.monotonic()
+            total, took_each = time.monotonic(), []
             for i in range(count):
                 took, job, events = update(client, "seq", facts[10 * i : 10 * i + 10], rank)
+                took_each.append(took)
                 print(
                     f"  update {i + 1:2d}/{count}: {took:5.1f} s, version {job.version} "
                     f"({phases(events)}); {start_of(events)}",
@@ -98,8 +100,10 @@ def sequential(model, work: Path, count: int, rank: int, kind: str, flags: list[
             for f in facts
         )
         print(
-            f"{count} sequential updates of 10 facts in {total:.0f} s; greedy through vLLM at the "
-            f"end: {exact}/{len(facts)} facts reproduced"
+            f"{count} sequential updates of 10 facts in {total:.0f} s; the last took "
+            f"{took_each[-1] / took_each[0]:.2f}x the first, the slowest "
+            f"{max(took_each) / took_each[0]:.2f}x; greedy through vLLM at the end: "
+            f"{exact}/{len(facts)} facts reproduced"
         )
     finally:
         service.stop()
@@ -113,8 +117,12 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=0, help="0: the law chooses (the default path)")
     p.add_argument("--kind", default="phonebook", choices=sorted(KINDS))
     p.add_argument("--gate", action="store_true", help="run the service with --gate")
+    p.add_argument(
+        "--adapter-per-update", action="store_true", help="and with --adapter-per-update"
+    )
     args = p.parse_args()
     flags = ["--gate"] if args.gate else []
+    flags += ["--adapter-per-update"] if args.adapter_per_update else []
     model = prepare_default_model()
     bases = [int(b) for b in args.bases.split(",") if b]
     fresh_bases = {int(b) for b in args.fresh_bases.split(",") if b}
