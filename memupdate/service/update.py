@@ -123,7 +123,11 @@ def merge_facts(old: list[Fact], new: list[Fact]) -> tuple[list[Fact], list[Fact
                 f"{fact.where}: contradicts {other.where}: same prompt, different target"
             )
     merged = {fact_key(f): f for f in old}
-    replaced = [merged[k] for f in new if (k := fact_key(f)) in merged and merged[k] != f]
+    replaced = [
+        merged[k]
+        for f in new
+        if (k := fact_key(f)) in merged and merged[k].to_json() != f.to_json()  # not the source
+    ]
     for fact in new:
         merged[fact_key(fact)] = fact
     return list(merged.values()), replaced
