@@ -318,7 +318,8 @@ def run_update(
     forms_held_by, train_on = None, encoded
     if held_by is not None:
         encoded, forms_held_by = encode_by_owner(rt.encode, merged, held_by)
-        train_on = rt.encode([f for f, v in zip(merged, held_by, strict=True) if v == 0])
+        new = (f for f, v in zip(encoded, forms_held_by, strict=True) if v == 0)
+        train_on = [replace(f, index=i) for i, f in enumerate(new)]
         if not train_on:
             raise UpdateFailed("nothing to train: every posted fact is already in the base")
     with rt.lock:  # one training on this model at a time

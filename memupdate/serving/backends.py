@@ -139,7 +139,7 @@ def load_held_adapters(registry: Registry, client: VLLMClient, version: Version,
     older = sorted({v for v in held_by if v not in (0, version.version)})
     served = client.served_adapters() if older else {}
     for number in older:
-        name = f"{version.kb}@v{number}"
+        name = version_name(version.kb, number)
         if name not in served:
             client.load_adapter(name, str(registry.version(version.kb, number).path))
 
@@ -152,8 +152,14 @@ class GoLiveResult:
     reason: str  # why it is live, or why not
 
 
+def version_name(kb: str, number: int) -> str:
+    """The name one version's adapter is served under (`kb@vN`): while it is checked, and with
+    one adapter per update for as long as a live version routes to it."""
+    return f"{kb}@v{number}"
+
+
 def staging_name(version: Version) -> str:
-    return f"{version.kb}@v{version.version}"
+    return version_name(version.kb, version.version)
 
 
 def verify_and_go_live(
@@ -177,7 +183,7 @@ def verify_and_go_live(
     name = staging_name(version)
     names = None
     if held_by is not None:
-        names = [name if v in (0, version.version) else f"{version.kb}@v{v}" for v in held_by]
+        names = [version_name(version.kb, v or version.version) for v in held_by]
     results: dict[str, ServingRecall] = {}
     try:
         for client in backend.replicas():
@@ -241,7 +247,7 @@ def served_forms(version: Version, facts: list[Fact], encode) -> tuple[list, lis
         return routed or version.version  # 0: the version's own adapter
 
     encoded, owners = encode_by_owner(encode, facts, [owner(f) for f in facts])
-    names = [version.kb if v == version.version else f"{version.kb}@v{v}" for v in owners]
+    names = [version.kb if v == version.version else version_name(version.kb, v) for v in owners]
     return encoded, names
 
 
