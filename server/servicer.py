@@ -386,7 +386,7 @@ class Servicer(pb_grpc.KnowledgeUpdateServicer):
         self._kb_or_404(request.knowledge_base, context)
         live = self._live_or_412(request.knowledge_base, context)
         try:
-            encoded, held_by = encode_by_owner(self.plan_rt.encode, live.facts(), live.held_by())
+            encoded, held_by = encode_by_owner(self.plan_rt.encode, *live.held_facts())
             result = verify_and_go_live(
                 self.rt.registry,
                 self.rt.backend,

@@ -152,7 +152,7 @@ def held_by_versions(rt: Runtime, kb: str, merged: list[Fact]) -> list[int] | No
     live = rt.registry.live(kb)
     old = {}
     if live is not None:
-        old = {fact_key(f): (f, v) for f, v in zip(live.facts(), live.held_by(), strict=True)}
+        old = {fact_key(f): (f, v) for f, v in zip(*live.held_facts(), strict=True)}
     held = []
     for fact in merged:
         was, version = old.get(fact_key(fact), (None, 0))
@@ -486,7 +486,7 @@ def _resume(rt: Runtime, version, request: UpdateRequest, emit: Emit, cancelled,
             "checking it through serving instead of training again",
         },
     )
-    encoded, held_by = encode_by_owner(rt.encode, version.facts(), version.held_by())
+    encoded, held_by = encode_by_owner(rt.encode, *version.held_facts())
     live, worst, verify_s = _go_live(
         rt, version, encoded, request, emit, cancelled, still_ours, held_by
     )

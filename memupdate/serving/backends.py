@@ -127,16 +127,16 @@ def restore_live(registry: Registry, backend: ServingBackend) -> list[str]:
         live = registry.live(kb)
         if live is not None:
             for client in backend.replicas():
-                load_held_adapters(registry, client, live, live.held_by())
+                load_held_adapters(registry, client, live)
                 client.load_adapter(kb, str(live.path))
             restored.append(kb)
     return restored
 
 
-def load_held_adapters(registry: Registry, client: VLLMClient, version: Version, held_by) -> None:
+def load_held_adapters(registry: Registry, client: VLLMClient, version: Version) -> None:
     """Load, under `kb@vN`, each older version whose adapter holds some of `version`'s facts
-    (one adapter per update; 0 or the version itself: its own), unless the replica has it."""
-    older = sorted({v for v in held_by if v not in (0, version.version)})
+    (one adapter per update), unless the replica has it."""
+    older = version.older_adapters()
     served = client.served_adapters() if older else {}
     for number in older:
         name = version_name(version.kb, number)
@@ -187,7 +187,7 @@ def verify_and_go_live(
     results: dict[str, ServingRecall] = {}
     try:
         for client in backend.replicas():
-            load_held_adapters(registry, client, version, held_by or ())
+            load_held_adapters(registry, client, version)
             client.load_adapter(name, str(version.path))
             fault_point("serving_check")
             results[client.url] = serving_recall(

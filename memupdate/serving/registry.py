@@ -84,13 +84,16 @@ class Version:
     def facts(self) -> list[Fact]:
         return load_facts(self.path / FACTS_FILE) if (self.path / FACTS_FILE).exists() else []
 
-    def held_by(self) -> list[int]:
-        """Per fact of facts(), the version whose adapter holds it: this one, unless it was
+    def held_facts(self) -> tuple[list[Fact], list[int]]:
+        """(facts(), per fact the version whose adapter holds it): this one, unless it was
         trained with one adapter per update (metadata `held_by`, 0 standing for this one)."""
-        held = self.metadata.get("held_by")
-        if held is None:
-            return [self.version] * len(self.facts())
-        return [v or self.version for v in held]
+        facts = self.facts()
+        held = self.metadata.get("held_by") or [0] * len(facts)
+        return facts, [v or self.version for v in held]
+
+    def older_adapters(self) -> list[int]:
+        """The older versions whose adapters this one routes to (one adapter per update)."""
+        return sorted({v for v in self.metadata.get("held_by", ()) if v not in (0, self.version)})
 
 
 def validate_name(name: str) -> str:
