@@ -37,6 +37,7 @@ def service(tiny_dir, tmp_path_factory):
 def submit(client, facts):
     job = client.submit("people", facts, rank=8, max_steps=1500)
     events = list(client.watch(job.job_id))
+    submit.verified = next((e for e in events if e.kind == "serving_verified"), None)
     return next((e for e in events if e.kind == "planned"), None), client.job(job.job_id)
 
 
@@ -56,7 +57,10 @@ def test_an_update_trains_what_is_new_and_the_gate_routes_to_the_adapter_that_ho
         assert (registry / "v1" / "adapter_model.safetensors").read_bytes() == v1_weights
         held_by = json.loads((registry / "v2" / "metadata.json").read_text())["held_by"]
         assert held_by == [0, 1, 1, 1, 0, 0, 0]  # facts.jsonl's order: 0 is v2 itself
-        assert job.serving_recall.fact_recall == 1.0  # every fact, each through its adapter
+        # The go-live asked the four facts v2 trained and two of v1's three (its adapter was
+        # unchanged since its own go-live), each through the adapter that holds it.
+        assert job.serving_recall.facts == 6 and job.serving_recall.fact_recall == 1.0
+        assert "6 of 7 forms asked" in submit.verified.message
         gate = Gate.load(registry / "v2")
         assert gate.version_for(FIRST[1].prompt) == 1 and gate.version_for(CHANGED[0]) == 0
 
@@ -73,7 +77,7 @@ def test_an_update_trains_what_is_new_and_the_gate_routes_to_the_adapter_that_ho
         vllm.unload_adapter("people@v1")
         assert ask(service.vllm_url, "people", FIRST[1].prompt).startswith(FIRST[1].target)
 
-        report = client.evaluate("people")  # through vLLM, each fact by its adapter
+        report = client.evaluate("people")  # every fact through vLLM, each by its adapter
         assert report.facts == 7 and report.fact_recall == 1.0
         probe = client.probe("people")
         assert probe.reached_serving and not probe.regressed and probe.recall.fact_recall == 1.0

@@ -16,7 +16,7 @@ from openai_api import ask
 
 from memupdate.memory.adapter import choose_family, default_family
 from memupdate.memory.base_model import load_model
-from memupdate.memory.encoding import encode_facts
+from memupdate.memory.encoding import EncodedFact, encode_facts
 from memupdate.memory.fact_sets import phonebook_facts
 from memupdate.memory.facts import Fact
 from memupdate.memory.frozen_prefix import first_adapted_layer
@@ -27,6 +27,7 @@ from memupdate.serving.backends import (
     ExternalBackend,
     ManagedBackend,
     RankLimitError,
+    go_live_forms,
     rollback,
     verify_and_go_live,
 )
@@ -437,3 +438,27 @@ def test_the_gate_reads_a_chat_requests_last_user_message_and_a_completions_text
     )
     assert request_text(SimpleNamespace(prompt=[1, 2, 3])) is None  # token ids: not gated
     assert request_text(SimpleNamespace(messages=[{"role": "system", "content": "x"}])) is None
+
+
+def test_a_go_live_asks_every_new_fact_and_a_rotating_few_of_each_older_adapter():
+    # v1 holds facts 0-4, v2 fact 5, the version going live (0) facts 6 and 7; each fact has a
+    # prompt form and a chat form.
+    forms, held = [], []
+    for i, owner in [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1), (5, 2), (6, 0), (7, 0)]:
+        for form in ("prompt", "chat"):
+            forms.append(EncodedFact(len(forms), f"line {i}", (1,), (2,), form, f"P{i}"))
+            held.append(owner)
+
+    def asked(turn, per_adapter=2):
+        chosen, owners = go_live_forms(forms, held, per_adapter, turn)
+        assert [f.index for f in chosen] == list(range(len(chosen)))
+        return [(f.source, f.form, v) for f, v in zip(chosen, owners, strict=True)]
+
+    def sources(turn, per_adapter=2):
+        return [source for source, form, _ in asked(turn, per_adapter) if form == "prompt"]
+
+    # Two of v1's five facts, a window that moves with the version; v2's only fact; all new ones.
+    assert sources(3) == ["line 1", "line 2", "line 5", "line 6", "line 7"]
+    assert sources(4) == ["line 3", "line 4", "line 5", "line 6", "line 7"]
+    assert ("line 1", "chat", 1) in asked(3) and ("line 6", "chat", 0) in asked(3)
+    assert sources(3, per_adapter=0) == [f"line {i}" for i in range(8)]

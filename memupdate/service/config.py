@@ -57,6 +57,11 @@ class ServiceConfig(BaseSettings):
     # each request to the adapter that holds its fact (memupdate/memory/routing.py). An update
     # then costs what is new at any base size.
     adapter_per_update: bool = False
+    # With one adapter per update: how many facts of each older adapter a go-live check asks
+    # through vLLM (a rotating window; 0: every fact of the base). The facts the new version
+    # trained are always asked in full; an older adapter is unchanged since its own go-live
+    # checked all of its facts, and the monitor's probes rotate through every fact.
+    held_facts_checked: int = Field(default=2, ge=0)
     # The adapter family every job trains (and whose law plans the rank): empty / None keep the
     # default family's modules, learning rate, training line and locality terms' weights
     # (memupdate.memory.adapter.default_family, or gated_family with the gate on).

@@ -69,6 +69,7 @@ def load_runtime(config: ServiceConfig, registry: Registry, backend: ServingBack
         warm_start=config.warm_start,
         gate=config.gate,
         adapter_per_update=config.adapter_per_update,
+        held_facts_checked=config.held_facts_checked,
         max_facts=config.max_facts_per_update,
         serving_wait_s=config.serving_wait_s,
     )

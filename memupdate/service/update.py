@@ -43,7 +43,12 @@ from memupdate.service.metrics import (
     TRAINING_STEPS,
     TRAINING_TOKENS,
 )
-from memupdate.serving.backends import GoLiveResult, ServingBackend, verify_and_go_live
+from memupdate.serving.backends import (
+    GoLiveResult,
+    ServingBackend,
+    go_live_forms,
+    verify_and_go_live,
+)
 from memupdate.serving.registry import Registry
 from memupdate.serving.vllm_client import ServingError, worst_replica
 
@@ -86,6 +91,7 @@ class Runtime:
     gate: bool = False  # publish each version with its prompt gate (memory/gate.py)
     # Each version trains an adapter of its own for its new facts; the gate routes among them.
     adapter_per_update: bool = False
+    held_facts_checked: int = 2  # facts of each older adapter a go-live asks (0: all)
     max_facts: int = 100_000
     progress_interval_s: float = 1.0
     serving_wait_s: float = 300.0  # how long to retry unreachable replicas before failing
@@ -464,11 +470,24 @@ def run_update(
 def _go_live(rt: Runtime, version, encoded, request, emit: Emit, cancelled, still_ours, held_by):
     """(GoLiveResult, worst replica's recall, seconds); raises UpdateFailed if not live."""
     t0 = time.monotonic()
+    note = ""
+    if held_by is not None:
+        asked, held_by = go_live_forms(encoded, held_by, rt.held_facts_checked, version.version)
+        if len(asked) < len(encoded):
+            note = (
+                f"{len(asked)} of {len(encoded)} forms asked: every form of the facts this version "
+                f"trained, {rt.held_facts_checked} fact(s) of each older adapter"
+            )
+        encoded = asked
     live = go_live_with_retries(rt, version, encoded, request, emit, cancelled, still_ours, held_by)
     verify_s = time.monotonic() - t0
     PHASE_SECONDS.labels("verify").observe(verify_s)
     worst = worst_replica(live.per_replica.values())
-    emit("serving_verified", {"recall": worst.to_dict(), "version": version.version})
+    emit(
+        "serving_verified",
+        {"recall": worst.to_dict(), "version": version.version}
+        | ({"message": note} if note else {}),
+    )
     if not live.live:
         raise UpdateFailed(live.reason)
     return live, worst, verify_s

@@ -11,8 +11,9 @@ results of an older version.
 
 import logging
 import threading
+from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from memupdate.memory.encoding import EncodedFact
 from memupdate.memory.facts import Fact
@@ -232,6 +233,32 @@ def verify_and_go_live(
             else ""
         ),
     )
+
+
+def go_live_forms(
+    facts: list[EncodedFact], held_by: list[int], per_adapter: int, turn: int
+) -> tuple[list[EncodedFact], list[int]]:
+    """With one adapter per update, the forms a go-live check asks: every form of the facts the
+    new version trained, and `per_adapter` facts (with all their forms) of each older adapter, a
+    different window at each version (`turn`), as the monitor's probes rotate; 0: every fact.
+    An older adapter is unchanged since its own go-live checked every one of its facts, so what
+    can break it since is adapter-wide (a replica that lost it or loads another): a few of its
+    facts show that. Returns the forms, renumbered, and their holders."""
+    if not per_adapter:
+        return facts, held_by
+    by_owner: dict[int, list[list[int]]] = defaultdict(list)  # per holder, its facts' forms
+    for i, (form, owner) in enumerate(zip(facts, held_by, strict=True)):
+        if form.form == "prompt" or not by_owner[owner]:  # a fact's forms start with its prompt
+            by_owner[owner].append([])
+        by_owner[owner][-1].append(i)
+    keep = []
+    for owner, held in by_owner.items():
+        if owner and len(held) > per_adapter:
+            start = turn * per_adapter % len(held)
+            held = [held[(start + k) % len(held)] for k in range(per_adapter)]
+        keep += [i for fact in held for i in fact]
+    keep.sort()
+    return [replace(facts[i], index=n) for n, i in enumerate(keep)], [held_by[i] for i in keep]
 
 
 def served_forms(version: Version, facts: list[Fact], encode) -> tuple[list, list[str]]:
