@@ -42,6 +42,14 @@ def test_the_gate_stores_every_form_once_and_routes_each_of_them(tiny, tmp_path)
     assert Gate.load(tmp_path / "elsewhere") is None  # an adapter published without a gate
 
 
+def test_states_computed_in_batches_equal_those_of_each_text_alone(tiny):
+    model, tok = tiny
+    texts = retain_texts()[:12] + [f.prompt for f in FACTS]  # of several lengths
+    alone = torch.cat([text_states(model, tok, [t], 2) for t in texts])
+    batched = text_states(model, tok, texts, 2, batch=5)
+    assert torch.allclose(batched, alone, atol=1e-5)
+
+
 def test_with_one_adapter_per_update_the_gate_routes_a_wording_to_its_facts_version(tiny, tmp_path):
     model, tok = tiny
     first, second = phonebook_facts(3, seed=6), phonebook_facts(2, seed=7)

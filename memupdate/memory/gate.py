@@ -49,15 +49,23 @@ def retain_texts() -> list[str]:
     return prompts("retain_prompts.txt") + passage_starts("retain.txt")
 
 
-def text_states(model, tokenizer, texts: list[str], layer: int) -> torch.Tensor:
-    """Unit-length hidden state entering `layer` at the last token of each text (base model)."""
+def text_states(model, tokenizer, texts: list[str], layer: int, batch: int = 32) -> torch.Tensor:
+    """Unit-length hidden state entering `layer` at the last token of each text (base model).
+    Texts run in batches of similar length, padded on the right: attention is causal, so what
+    follows a text's last token cannot change its state."""
     decoder = model.get_decoder()
-    out = []
+    ids = [tokenizer(text)["input_ids"] for text in texts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = [None] * len(ids)
     with torch.no_grad():
-        for text in texts:
-            ids = torch.tensor([tokenizer(text)["input_ids"]])
-            hidden = _run_layers(decoder, decoder.embed_tokens(ids), decoder.layers[:layer])
-            out.append(torch.nn.functional.normalize(hidden[0, -1].float(), dim=-1))
+        for start in range(0, len(order), batch):
+            rows = order[start : start + batch]
+            width = max(len(ids[i]) for i in rows)
+            padded = torch.tensor([ids[i] + [0] * (width - len(ids[i])) for i in rows])
+            hidden = _run_layers(decoder, decoder.embed_tokens(padded), decoder.layers[:layer])
+            for row, i in enumerate(rows):
+                last = hidden[row, len(ids[i]) - 1].float()
+                out[i] = torch.nn.functional.normalize(last, dim=-1)
     return torch.stack(out)
 
 
