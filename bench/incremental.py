@@ -11,6 +11,7 @@ trains each update's facts into an adapter of their own instead of warm-starting
 
     .venv/bin/python bench/incremental.py [--bases 0,100,300,1000] [--sequential 30] [--rank 0]
         [--kind phonebook|biography|counterfactual] [--gate [--adapter-per-update]]
+        [--build-in N]  (build each base in updates of N facts: one adapter each, per update)
 """
 
 import argparse
@@ -56,7 +57,7 @@ def phases(events) -> str:
     )
 
 
-def run_bases(service, bases, fresh_bases, rank, kind) -> tuple[dict, dict]:
+def run_bases(service, bases, fresh_bases, rank, kind, build_in=0) -> tuple[dict, dict]:
     """Seconds to add 10 facts to each base: warm (an update of the live base) and fresh (the
     same facts, base and new, trained from a fresh adapter into a new knowledge base: what every
     update cost before warm starts)."""
@@ -64,9 +65,15 @@ def run_bases(service, bases, fresh_bases, rank, kind) -> tuple[dict, dict]:
     with service.client(timeout_s=120) as client:
         for size in bases:
             everything = KINDS[kind](size + 10, seed=7000 + size)
-            if size:
-                built, _, events = update(client, f"base-{size}", everything[:size], rank)
-                print(f"  built base-{size}: {built:.0f} s ({phases(events)})", flush=True)
+            step = build_in or size
+            for done in range(0, size, step):  # the base, in updates of `build_in` facts
+                chunk = everything[done : min(size, done + step)]
+                built, _, events = update(client, f"base-{size}", chunk, rank)
+                print(
+                    f"  built base-{size} {done + len(chunk)}/{size}: {built:.0f} s "
+                    f"({phases(events)})",
+                    flush=True,
+                )
             warm[size], _, events = update(client, f"base-{size}", everything[size:], rank)
             print(
                 f"  warm  +10 to {size:4d}: {warm[size]:6.1f} s ({phases(events)}); "
@@ -113,6 +120,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--bases", default="0,100,300,1000")
     p.add_argument("--fresh-bases", default="0,100,300", help="bases also timed the old way")
+    p.add_argument(
+        "--build-in", type=int, default=0, help="build each base in updates of N facts (0: one)"
+    )
     p.add_argument("--sequential", type=int, default=30)
     p.add_argument("--rank", type=int, default=0, help="0: the law chooses (the default path)")
     p.add_argument("--kind", default="phonebook", choices=sorted(KINDS))
@@ -136,7 +146,9 @@ def main() -> None:
             )
             service.start()
             try:
-                warm, fresh = run_bases(service, bases, fresh_bases, args.rank, args.kind)
+                warm, fresh = run_bases(
+                    service, bases, fresh_bases, args.rank, args.kind, args.build_in
+                )
             finally:
                 service.stop()
             print(f"\nadding 10 facts, seconds from submit to live (rank {args.rank}):")
