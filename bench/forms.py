@@ -6,7 +6,8 @@ Per fact kind (40 facts each by default), one training per variant on a fresh ba
   of the time ratio);
 - `default-chat`: the prompt and the chat form made from it (the prompt as the user turn), what a
   fact posted without questions gets;
-- `all-forms`: the prompt, two paraphrases and two chat questions per fact (fact_sets.FORMS).
+- `all-forms`: the prompt, two paraphrases and two chat questions per fact (fact_sets.FORMS);
+- `more-forms` (phone numbers only): those and four more of each (MORE_PHONEBOOK_FORMS).
 Every adapter is measured teacher-forced (p > 0.5 on every target token = greedy-exact) on the
 trained forms, and on held-out paraphrases and questions worded differently, never trained.
 With `--serve`, the `all-forms` adapters are also loaded into one vLLM and every trained and
@@ -42,7 +43,19 @@ from memupdate.memory.frozen_prefix import first_adapted_layer
 from memupdate.memory.gate import Gate
 from memupdate.memory.recall import measure_recall
 
-VARIANTS = ("prompt-only", "default-chat", "all-forms")
+VARIANTS = ("prompt-only", "default-chat", "all-forms", "more-forms")
+# `more-forms` (phone numbers only): the `all-forms` set and these wordings besides, 9 paraphrases
+# and questions per fact in all. Is a wider spread of trained wordings what carries random digits
+# to the held-out ones? None of these is a held-out wording (fact_sets.FORMS).
+MORE_PHONEBOOK_FORMS = (
+    ["{x} can be reached at", "Phone of {x}:", "You can ring {x} on", "{x}'s telephone number is"],
+    [
+        "What number do I dial to reach {x}?",
+        "Do you have {x}'s number?",
+        "What's the telephone number for {x}?",
+        "I need to phone {x}. Which number should I use?",
+    ],
+)
 
 
 def encoded_sets(tok, context: int, kind: str, count: int, seed: int) -> dict:
@@ -51,7 +64,22 @@ def encoded_sets(tok, context: int, kind: str, count: int, seed: int) -> dict:
     trained = KINDS[kind](count, seed=seed, forms="trained")
     held = KINDS[kind](count, seed=seed, forms="held_out")
     everything = encode_facts(trained, tok, context)
+    more = []
+    if kind == "phonebook":
+        extra_paraphrases, extra_questions = MORE_PHONEBOOK_FORMS
+        more = [
+            fact.model_copy(
+                update={
+                    "paraphrases": fact.paraphrases
+                    + tuple(t.format(x=x) for t in extra_paraphrases),
+                    "questions": fact.questions + tuple(t.format(x=x) for t in extra_questions),
+                }
+            )
+            for fact in trained
+            for x in [fact.prompt.removeprefix("The phone number of ").removesuffix(" is")]
+        ]
     return {
+        "more-forms": encode_facts(more, tok, context),
         "prompt-only": encode_facts(plain, tok, context, chat=False),
         "default-chat": encode_facts(plain, tok, context),
         "all-forms": everything,
