@@ -13,7 +13,8 @@ With one adapter per update (`adapter_per_update`, behind the prompt gate), a ve
 fresh adapter on its new and changed facts alone, planned for their ℓ; the older facts stay with
 the adapters of the versions that trained them (the version's `held_by`), untouched, and the
 gate routes each request to the adapter that holds its fact (memory/routing.py). The serving
-check still covers every fact of the base, each through its own adapter.
+check asks every fact the version trained and a rotating few of each older adapter's, each
+through its own adapter (serving/backends.py: go_live_forms).
 """
 
 import shutil
