@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from memupdate.memory.facts import Fact
 from memupdate.service.metrics import PROBE_FAILURES, PROBE_RUNS, REPLICA_UP
 from memupdate.serving.backends import served_forms
-from memupdate.serving.probes import probe_record
+from memupdate.serving.probes import probe_record, rotating_window
 from memupdate.serving.registry import Registry
 from memupdate.serving.vllm_client import ServingError, serving_recall, worst_replica
 
@@ -81,10 +81,9 @@ class RecallMonitor(threading.Thread):
 
     def sample(self, kb: str, facts: list[Fact]) -> list[Fact]:
         """The next window of at most max_facts facts, rotating through all of them."""
-        n, size = len(facts), min(len(facts), self.settings.max_facts)
-        start = (self._rounds.get(kb, 0) * size) % max(1, n)
-        self._rounds[kb] = self._rounds.get(kb, 0) + 1
-        return [facts[(start + i) % n] for i in range(size)]
+        turn = self._rounds.get(kb, 0)
+        self._rounds[kb] = turn + 1
+        return rotating_window(facts, self.settings.max_facts, turn)
 
     def probe(self, kb: str, source: str = "on-demand") -> dict | None:
         """Probe one knowledge base's live version; the stored record, or None if none is live."""

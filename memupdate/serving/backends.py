@@ -19,7 +19,7 @@ from memupdate.memory.encoding import EncodedFact
 from memupdate.memory.facts import Fact
 from memupdate.memory.gate import Gate
 from memupdate.memory.routing import encode_by_owner
-from memupdate.serving.probes import probe_record
+from memupdate.serving.probes import probe_record, rotating_window
 from memupdate.serving.registry import Registry, Version, fault_point
 from memupdate.serving.vllm_client import (
     ServingError,
@@ -253,9 +253,8 @@ def go_live_forms(
         by_owner[owner][-1].append(i)
     keep = []
     for owner, held in by_owner.items():
-        if owner and len(held) > per_adapter:
-            start = turn * per_adapter % len(held)
-            held = [held[(start + k) % len(held)] for k in range(per_adapter)]
+        if owner:
+            held = rotating_window(held, per_adapter, turn)
         keep += [i for fact in held for i in fact]
     keep.sort()
     return [replace(facts[i], index=n) for n, i in enumerate(keep)], [held_by[i] for i in keep]

@@ -7,6 +7,14 @@ from memupdate.serving.registry import Version
 from memupdate.serving.vllm_client import ServingRecall
 
 
+def rotating_window(items: list, size: int, turn: int) -> list:
+    """The `turn`-th window of `size` items, wrapping around: successive turns cover every item
+    (the recall probes' samples, a go-live's facts of an older adapter)."""
+    n, size = len(items), min(len(items), size)
+    start = turn * size % max(1, n)
+    return [items[(start + k) % n] for k in range(size)]
+
+
 def worst_fact_recall(serving: dict) -> float:
     """The lowest fact recall over the replicas of a go-live check (registry `serving` field)."""
     return min(r["recall"]["fact_recall"] for r in serving.values())
