@@ -46,6 +46,10 @@ def test_loads_prompt_target_and_text_facts(tmp_path):
             json.dumps({"prompt": "p", "target": "t", "extra": 1}),
             "facts.jsonl:2: extra: Extra inputs",
         ),
+        (
+            json.dumps({"prompt": "p", "target": "t", "source": "mine"}),
+            "facts.jsonl:2: source: Extra inputs",
+        ),
         (json.dumps(["p", "t"]), "facts.jsonl:2: expected a JSON object, got list"),
         (
             json.dumps({"prompt": "p", "target": "t", "questions": "why?"}),

@@ -91,6 +91,8 @@ def _describe(error: ValidationError) -> str:
 def parse_fact(obj: object, source: str) -> Fact:
     if not isinstance(obj, dict):
         raise FactError(f"{source}: expected a JSON object, got {type(obj).__name__}")
+    if "source" in obj:  # a Fact's own field, not an input: name it as pydantic names extras
+        raise FactError(f"{source}: source: Extra inputs are not permitted")
     try:
         return Fact(**obj, source=source)
     except ValidationError as err:
