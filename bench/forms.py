@@ -10,12 +10,13 @@ Per fact kind (40 facts each by default), one training per variant on a fresh ba
 - `more-forms` (phone numbers only): those and four more of each (MORE_PHONEBOOK_FORMS).
 Every adapter is measured teacher-forced (p > 0.5 on every target token = greedy-exact) on the
 trained forms, and on held-out paraphrases and questions worded differently, never trained.
-With `--serve`, the `all-forms` adapters are also loaded into one vLLM and every trained and
-held-out question is asked through /v1/chat/completions (greedy): trained questions must come
-back exactly; a held-out answer counts when it contains the target. With `--gate` as well, each
-adapter is saved with its prompt gate (memory/gate.py) and asked twice: under a versioned name
-(`KIND@v1`, never gated) and under the plain name (gated by memupdate's vLLM plugin); for both,
-the 48 locality prompts' 16-token greedy answers are compared with the base model's.
+With `--serve`, the adapters of the `all-forms` variant (or the one `--serve-variant` names) are
+also loaded into one vLLM and every trained and held-out question is asked through
+/v1/chat/completions (greedy): trained questions must come back exactly; a held-out answer counts
+when it contains the target. With `--gate` as well, each adapter is saved with its prompt gate
+(memory/gate.py) and asked twice: under a versioned name (`KIND@v1`, never gated) and under the
+plain name (gated by memupdate's vLLM plugin); for both, the 48 locality prompts' 16-token greedy
+answers are compared with the base model's.
 
 A variant may change the training: `all-forms:margin=0.4` (train until every target token has
 p > 0.9), `all-forms:locality=0` (no KL term), `all-forms:norm=300` (the update's norm term),
@@ -150,6 +151,7 @@ def main() -> None:
     p.add_argument("--serve", action="store_true", help="also ask through vLLM's chat endpoint")
     p.add_argument("--serve-only", type=Path, help="only ask with the adapters saved in DIR")
     p.add_argument("--gate", action="store_true", help="with --serve: also ask through the gate")
+    p.add_argument("--serve-variant", default="all-forms", help="with --serve: whose adapter")
     args = p.parse_args()
     folder, load = setup(args)
     model, tok = load()
@@ -206,8 +208,8 @@ def main() -> None:
                 f"{locality.token_agreement:.3f} | {locality.prompts_unchanged:.2f} |"
             )
             print(rows[-1], flush=True)
-            if name == "all-forms" and args.serve:
-                adapters[kind] = work / kind  # the last all-forms variant's adapter
+            if name == args.serve_variant and args.serve:
+                adapters[kind] = work / kind  # the last such variant's adapter
                 peft_model.save_pretrained(adapters[kind])
                 if args.gate:  # the base model's states: the adapter's layer and below
                     base_model = peft_model.unload()
