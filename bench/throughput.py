@@ -7,10 +7,8 @@ the same facts, rank and batches, measured in one run in alternating rounds.
 - prefix bf16: the same under bf16 autocast (only where the CPU computes bf16 in hardware, as the
   trainer chooses: emulated bf16 is far slower than fp32);
 - prefix eager: and plain attention instead of SDPA, in the trainer's precision on this CPU;
-- packed, opening not shared: and each batch's sequences laid end to end in as few rows as fit,
-  instead of one per row padded to the longest (the trainer's step before 2026-12-07);
-- packed: and the opening that a batch's chat forms share (the chat template's system turn) laid
-  out once, each of them attending to that copy (the trainer's step on CPU);
+- packed: and each batch's sequences laid end to end in as few rows as fit, instead of one per
+  row padded to the longest (the trainer's step on CPU);
 - compiled: and the layers from the adapted one up compiled with torch.compile (the trainer's
   step for large fact sets; the compile itself happens in the warm-up round and is reported).
 Every prefix variant but the last two runs one sequence per row, as the trainer did before
@@ -19,7 +17,6 @@ packing.
     .venv/bin/python bench/throughput.py [--facts 40] [--rank 8] [--kinds phonebook] [--rounds 3]
 """
 
-import copy
 import time
 from contextlib import nullcontext
 
@@ -66,12 +63,9 @@ def main() -> None:
 
     compiled = TopLayers(peft_model, prefix.first, compiled=True)
 
-    unshared = copy.copy(prefix)
-    unshared.shared = ()  # every chat form lays out its own opening
-
-    def prefix_step(indices, bf16, top=None, together=False, cache=prefix):
+    def prefix_step(indices, bf16, top=None, together=False):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return cache.target_logprobs(peft_model, indices, top, together)[0].float()
+            return prefix.target_logprobs(peft_model, indices, top, together)[0].float()
 
     bf16 = native_bf16()  # the trainer's choice on this CPU
     eager = lambda: eager_attention_on_cpu(peft_model)  # noqa: E731
@@ -81,10 +75,6 @@ def main() -> None:
         "prefix fp32": (lambda b: prefix_step(b, False), nullcontext),
         "prefix bf16": (lambda b: prefix_step(b, True), nullcontext),
         "prefix eager": (lambda b: prefix_step(b, bf16), eager),
-        "packed, opening not shared": (
-            lambda b: prefix_step(b, bf16, together=True, cache=unshared),
-            eager,
-        ),
         "packed (trainer)": (lambda b: prefix_step(b, bf16, together=True), eager),
         "packed, compiled (trainer)": (
             lambda b: prefix_step(b, bf16, compiled, together=True),

@@ -7,10 +7,8 @@ In fp32 the result equals the full model's to float rounding (tests/test_recall_
 
 A batch is packed: its sequences are laid end to end in as few rows as fit (`pack`), each with
 positions counted from 0 and attention only within itself, so a short prompt form does not cost
-the padding up to a long chat form beside it. The chat forms of a batch all open with the same
-tokens (the chat template's system turn: a third to a half of a fact set's tokens), so that
-opening is laid out once and each chat form attends to the one copy (`shared_opening`). Every
-sequence computes exactly what it computes alone (tests/test_recall_and_memft.py).
+the padding up to a long chat form beside it. Every sequence computes exactly what it computes
+alone (tests/test_recall_and_memft.py).
 """
 
 import logging
@@ -59,21 +57,16 @@ def eager_attention_on_cpu(model):
 
 @dataclass
 class Packed:
-    """Sequences laid end to end in rows: where each token sits and where the targets are."""
+    """Sequences laid end to end in rows: where each one sits and where its targets are."""
 
     positions: torch.Tensor  # (rows, width) position of each slot within its own sequence
     allowed: torch.Tensor  # (rows, 1, width, width) which slots each slot attends to
-    # (rows, width): which token fills each slot, as an index into the batch's sequences laid
-    # end to end in the order given; -1 for an empty slot.
-    source: torch.Tensor
-    # (tokens of the batch's sequences,): the flat slot (row * width + column) holding each of
-    # them; a shared opening's tokens all point to its one copy.
-    slot_of: torch.Tensor
+    slots: list[tuple[int, int]]  # (row, offset) of each sequence, in the order given
     rows: torch.Tensor  # (n_target_tokens,) row of each target token, sequence by sequence
     cols: torch.Tensor  # slot whose hidden state predicts that target token
     labels: torch.Tensor  # the target token ids
     sizes: list[int]  # target tokens per sequence, to split flat results back
-    tokens: int  # slots filled: the tokens a step runs
+    tokens: int  # sequence tokens in the batch (not counting the empty slots)
 
 
 def pack(lengths: list[int]) -> tuple[int, list[list[int]]]:
@@ -99,101 +92,41 @@ def pack(lengths: list[int]) -> tuple[int, list[list[int]]]:
     return best[1], best[2]
 
 
-def shared_opening(facts: list[EncodedFact]) -> tuple[int, ...]:
-    """The tokens every chat form of these facts opens with: the chat template's system turn
-    (and whatever the questions' wording shares), a third to a half of a fact set's tokens with
-    default chat forms. () with fewer than two chat forms. It stops short of every chat form's
-    last prompt token, so each keeps a token of its own before its target."""
-    chats = [f.prompt_ids for f in facts if f.form == "chat"]
-    if len(chats) < 2:
-        return ()
-    n = 0
-    while n < min(map(len, chats)) - 1 and all(c[n] == chats[0][n] for c in chats):
-        n += 1
-    return tuple(chats[0][:n])
-
-
-def packed(facts: list[EncodedFact], together: bool = True, shared: tuple[int, ...] = ()) -> Packed:
+def packed(facts: list[EncodedFact], together: bool = True) -> Packed:
     """The layout of a batch of these sequences; `together` False puts each in its own row
-    (padded to the longest: what packing saves, bench/throughput.py). The sequences that open
-    with `shared` (two or more of them, `together` only) have it laid out once, in one row, and
-    each of them attends to that copy and then to its own tokens: causal attention makes their
-    opening's states the same in every one of them, so each computes what it computes alone."""
-    n = len(shared)
-    sharers = [
-        i
-        for i, f in enumerate(facts)
-        if together and n and len(f.prompt_ids) > n and tuple(f.prompt_ids[:n]) == shared
-    ]
-    if len(sharers) < 2:
-        sharers, n = [], 0
-    # What is packed: each other sequence whole, and the sharers as one group (-1).
-    items = {i: f.length for i, f in enumerate(facts) if i not in sharers}
-    if sharers:
-        items[-1] = n + sum(facts[i].length - n for i in sharers)
-    keys = list(items)
-    if together:
-        width, layout = pack([items[k] for k in keys])
-        layout = [[keys[j] for j in row] for row in layout]
-    else:
-        width, layout = max(items.values()), [[k] for k in keys]
-    starts = [0]
-    for f in facts:
-        starts.append(starts[-1] + f.length)
+    (padded to the longest: what packing saves, bench/throughput.py)."""
+    lengths = [f.length for f in facts]
+    width, layout = pack(lengths) if together else (max(lengths), [[i] for i in range(len(facts))])
     positions = torch.zeros((len(layout), width), dtype=torch.long)
-    source = torch.full((len(layout), width), -1)
-    # Each slot's sequence; the empty slots share -1, so no slot is left attending to nothing;
-    # the shared opening's slots are -2.
+    # Each slot's sequence; the empty slots share -1, so no slot is left attending to nothing.
     owner = torch.full((len(layout), width), -1)
-    slot_of = torch.zeros(starts[-1], dtype=torch.long)
-
-    def place(r: int, offset: int, i: int, first: int) -> int:
-        """Lay tokens `first`.. of sequence i at (r, offset); the offset after them."""
-        count = facts[i].length - first
-        positions[r, offset : offset + count] = torch.arange(first, facts[i].length)
-        source[r, offset : offset + count] = torch.arange(starts[i] + first, starts[i + 1])
-        owner[r, offset : offset + count] = i
-        slot_of[starts[i] + first : starts[i + 1]] = r * width + torch.arange(
-            offset, offset + count
-        )
-        return offset + count
-
+    slots: list[tuple[int, int]] = [(0, 0)] * len(facts)
     for r, members in enumerate(layout):
         offset = 0
-        for k in members:
-            if k != -1:
-                offset = place(r, offset, k, 0)
-                continue
-            opening = torch.arange(offset, offset + n)
-            positions[r, opening] = torch.arange(n)
-            source[r, opening] = torch.arange(starts[sharers[0]], starts[sharers[0]] + n)
-            owner[r, opening] = -2
-            for i in sharers:
-                slot_of[starts[i] : starts[i] + n] = r * width + opening
+        for i in members:
+            n = facts[i].length
+            positions[r, offset : offset + n] = torch.arange(n)
+            owner[r, offset : offset + n] = i
+            slots[i] = (r, offset)
             offset += n
-            for i in sharers:
-                offset = place(r, offset, i, n)
     causal = torch.ones((width, width), dtype=torch.bool).tril()
-    allowed = owner[:, :, None] == owner[:, None, :]  # itself
-    if sharers:  # and the opening it shares
-        shares = torch.isin(owner, torch.tensor(sharers))
-        allowed |= shares[:, :, None] & (owner == -2)[:, None, :]
-    predicting = [
-        starts[i] + len(f.prompt_ids) - 1 + t
-        for i, f in enumerate(facts)
-        for t in range(len(f.target_ids))
-    ]
-    flat = slot_of[torch.tensor(predicting, dtype=torch.long)]
+    allowed = (owner[:, :, None] == owner[:, None, :]) & causal  # itself, causally
+    rows, cols, labels, sizes = [], [], [], []
+    for fact, (r, offset) in zip(facts, slots, strict=True):
+        start = offset + len(fact.prompt_ids) - 1
+        rows += [r] * len(fact.target_ids)
+        cols += range(start, start + len(fact.target_ids))
+        labels += fact.target_ids
+        sizes.append(len(fact.target_ids))
     return Packed(
         positions,
-        (allowed & causal)[:, None],
-        source,
-        slot_of,
-        flat // width,
-        flat % width,
-        torch.tensor([t for f in facts for t in f.target_ids]),
-        [len(f.target_ids) for f in facts],
-        int((source >= 0).sum()),
+        allowed[:, None],
+        slots,
+        torch.tensor(rows),
+        torch.tensor(cols),
+        torch.tensor(labels),
+        sizes,
+        sum(f.length for f in facts),
     )
 
 
@@ -257,29 +190,28 @@ class FrozenPrefix:
         self.first = first
         decoder = _base(model).get_decoder()
         self.states: list[torch.Tensor] = [torch.empty(0)] * len(facts)
-        # Chat forms open alike (the template's system turn): a batch lays that out once.
-        self.shared = shared_opening(facts)
         with torch.no_grad():
             for chunk in length_batches(facts, batch):
-                layout = packed([facts[i] for i in chunk], shared=self.shared)
-                ids = torch.tensor([t for i in chunk for t in facts[i].input_ids])
+                layout = packed([facts[i] for i in chunk])
+                ids = torch.zeros(layout.positions.shape, dtype=torch.long)
+                for i, (r, offset) in zip(chunk, layout.slots, strict=True):
+                    ids[r, offset : offset + facts[i].length] = torch.tensor(facts[i].input_ids)
                 hidden = _run_layers(
                     decoder,
-                    decoder.embed_tokens(ids[layout.source.clamp_min(0)]),
+                    decoder.embed_tokens(ids),
                     decoder.layers[:first],
                     layout.positions,
                     layout.allowed,
                 )
-                states = hidden.reshape(-1, hidden.shape[-1])[layout.slot_of]
-                lengths = [facts[i].length for i in chunk]
-                for i, own in zip(chunk, torch.split(states, lengths), strict=True):
-                    self.states[i] = own.clone()
+                for i, (r, offset) in zip(chunk, layout.slots, strict=True):
+                    self.states[i] = hidden[r, offset : offset + facts[i].length].clone()
 
     def batch(self, indices: list[int], together: bool = True) -> tuple[Packed, torch.Tensor]:
         """The packed batch of these facts and their cached states laid out the same way."""
-        batch = packed([self.facts[i] for i in indices], together, self.shared)
-        flat = torch.cat([self.states[i] for i in indices])
-        states = flat[batch.source.clamp_min(0)] * (batch.source >= 0)[..., None]
+        batch = packed([self.facts[i] for i in indices], together)
+        states = torch.zeros((*batch.positions.shape, self.states[0].shape[-1]))
+        for i, (r, offset) in zip(indices, batch.slots, strict=True):
+            states[r, offset : offset + self.states[i].shape[0]] = self.states[i]
         return batch, states
 
     def target_logits(self, model, indices: list[int], top: TopLayers | None = None, together=True):
