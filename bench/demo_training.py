@@ -13,7 +13,8 @@ Variants: `rank=N` (the law's choice for these facts is 1), `lr=X` (the family's
     cd bench && ../.venv/bin/python demo_training.py --variants base,rank=16,bs=24
 
 Then one training step taken apart, on a fresh rank-1 adapter: the fact sequences of a batch of
-16 and the locality term's retain sequences, forward and backward, each alone (median of 8).
+16 (all of them in a smaller set) and the locality term's retain sequences, forward and
+backward, each alone (median of 8).
 """
 
 import argparse
@@ -46,9 +47,10 @@ def step_split(model, tok, family, facts, retain) -> dict[str, float]:
     prefix = FrozenPrefix(peft_model, facts, first_adapted_layer(family))
     top = TopLayers(peft_model, prefix.first)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad])
+    batch = list(range(min(16, len(facts))))  # a training step's batch (fewer in a small set)
     parts = {
-        "facts (16 sequences)": lambda: (
-            -prefix.target_logprobs(peft_model, list(range(16)), top)[0].mean()
+        f"facts ({len(batch)} sequences)": lambda: (
+            -prefix.target_logprobs(peft_model, batch, top)[0].mean()
         ),
         "locality term": lambda: retain.loss(peft_model, top)[0],
     }
